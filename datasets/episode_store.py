@@ -1,0 +1,412 @@
+"""The episode store: the one class that knows difftori's on-disk demonstration format.
+
+Layout (diffusion_policy's ``ReplayBuffer``, so diffusion_policy and DP3 read our stores unchanged)::
+
+    <store>.zarr/
+      data/<key>          (T_total, ...)  every step of every episode, concatenated; chunked along time
+      meta/episode_ends   (E,) int64      exclusive end index of each episode in data/*
+      .zattrs["difftori"]                 StoreMeta: schema version, source, task, key kinds, ...
+
+``data/action`` holds the actions; every other ``data/<key>`` is an observation whose kind
+(``point_cloud``, ``image``, ``lowdim``) is recorded in the metadata. Zarr *format 2* is written by
+default because zarr-python 2 (used by diffusion_policy and DP3) cannot open format-3 stores.
+
+Writes are atomic: an :class:`EpisodeWriter` fills ``<store>.partial`` and renames it on
+:meth:`EpisodeWriter.commit`. Bad data discards the partial store; any other interruption keeps it
+so that a rerun with ``resume=True`` continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import numpy as np
+import zarr
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "difftori"
+ACTION_KEY = "action"
+EPISODE_ENDS = "meta/episode_ends"
+KINDS = ("point_cloud", "image", "lowdim")
+_CHUNK_BYTES = 1 << 20  # ~1 MiB per chunk along time
+_VALIDATE_STEPS = 4096  # steps read at a time when checking for NaN/inf
+
+
+class StoreError(ValueError):
+    """A store (or data written to it) does not match the format. The message names path and key."""
+
+
+def _err(path: Path | str, key: str, what: str) -> StoreError:
+    return StoreError(f"{path}: {key}: {what}")
+
+
+@dataclass
+class StoreMeta:
+    """What a store holds and how it was made (saved as the root attribute ``difftori``)."""
+
+    task: str
+    source: str  # the generator ("metaworld-expert") or the converted file
+    obs_kinds: dict[str, str]  # observation key -> one of KINDS
+    action_low: list[float]
+    action_high: list[float]
+    control_mode: str
+    suite: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # the parameters that produced the store
+    episode_seeds: list[int] = field(default_factory=list)  # one per kept episode
+    n_attempts: int = 0  # episodes tried, kept or not
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.obs_kinds.items() if v not in KINDS}
+        if bad:
+            raise StoreError(f"obs_kinds: unknown kinds {bad}, expected one of {KINDS}")
+        if ACTION_KEY in self.obs_kinds:
+            raise StoreError(f"obs_kinds: '{ACTION_KEY}' is the action, not an observation")
+        if len(self.action_low) != len(self.action_high):
+            raise StoreError("action_low/action_high: lengths differ")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: Path | str = "<memory>") -> StoreMeta:
+        """Build from saved attributes; unknown schema versions and missing fields are errors."""
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise _err(
+                path,
+                f".zattrs/{ATTRS_KEY}/schema_version",
+                f"unknown schema version {version!r}; this difftori reads version {SCHEMA_VERSION}",
+            )
+        names = set(cls.__dataclass_fields__)
+        missing = {"task", "source", "obs_kinds", "action_low", "action_high", "control_mode"} - set(d)
+        if missing:
+            raise _err(path, f".zattrs/{ATTRS_KEY}", f"missing fields {sorted(missing)}")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except StoreError as e:
+            raise _err(path, f".zattrs/{ATTRS_KEY}", str(e)) from None
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_low)
+
+
+def _chunk_steps(step_shape: tuple[int, ...], dtype: np.dtype) -> int:
+    step_bytes = int(np.prod(step_shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return int(max(16, min(8192, _CHUNK_BYTES // max(step_bytes, 1))))
+
+
+def _compressor(zarr_format: int) -> Any:
+    if zarr_format == 2:
+        return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _check_finite(path: Path | str, key: str, arr: Any, offset: int = 0) -> None:
+    """Raise naming the first step of ``arr`` that holds NaN or inf (float arrays only)."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    for start in range(0, arr.shape[0], _VALIDATE_STEPS):
+        block = np.asarray(arr[start : start + _VALIDATE_STEPS])
+        finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            step = offset + start + int(np.argmin(finite))
+            raise _err(path, f"data/{key}", f"NaN or inf at step {step}")
+
+
+class EpisodeStore:
+    """Read access to a validated store: whole episodes or windows of one episode.
+
+    Opening checks everything a consumer relies on and raises :class:`StoreError` naming the
+    path and key: missing ``meta/episode_ends``, empty store, unknown schema version, arrays
+    whose length differs from the last episode end, NaN/inf in actions or observations.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, check_values: bool = True) -> None:
+        self.path = Path(path)
+        self._root, self.meta, self.episode_ends = _open_validated(self.path, check_values)
+
+    # -- layout ---------------------------------------------------------------------------------
+    @property
+    def n_episodes(self) -> int:
+        return len(self.episode_ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.episode_ends[-1])
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self.episode_ends, prepend=0)
+
+    @property
+    def keys(self) -> list[str]:
+        """Every ``data/<key>``: the observations and ``action``."""
+        return sorted(self._root["data"].array_keys())
+
+    @property
+    def zarr_format(self) -> int:
+        return int(self._root.metadata.zarr_format)
+
+    def array(self, key: str) -> zarr.Array:
+        """The raw, lazily read ``data/<key>`` array (all episodes concatenated)."""
+        if key not in self._root["data"]:
+            raise _err(self.path, f"data/{key}", f"no such key; the store has {self.keys}")
+        return self._root["data"][key]
+
+    def episode_slice(self, episode: int) -> slice:
+        if not 0 <= episode < self.n_episodes:
+            raise IndexError(f"{self.path}: episode {episode} out of range 0..{self.n_episodes - 1}")
+        start = 0 if episode == 0 else int(self.episode_ends[episode - 1])
+        return slice(start, int(self.episode_ends[episode]))
+
+    # -- reading --------------------------------------------------------------------------------
+    def episode(self, episode: int, keys: list[str] | None = None) -> dict[str, np.ndarray]:
+        """All steps of one episode, as ``{key: (T, ...)}`` numpy arrays."""
+        s = self.episode_slice(episode)
+        return {k: np.asarray(self.array(k)[s]) for k in (keys or self.keys)}
+
+    def window(
+        self, episode: int, start: int, stop: int, keys: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Steps ``start:stop`` (episode-local indices) of one episode."""
+        s = self.episode_slice(episode)
+        length = s.stop - s.start
+        if not 0 <= start < stop <= length:
+            raise IndexError(f"{self.path}: window {start}:{stop} outside episode {episode} (0:{length})")
+        return {k: np.asarray(self.array(k)[s.start + start : s.start + stop]) for k in (keys or self.keys)}
+
+    # -- writing --------------------------------------------------------------------------------
+    @staticmethod
+    def create(
+        path: str | os.PathLike[str],
+        meta: StoreMeta,
+        *,
+        zarr_format: int = 2,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> EpisodeWriter:
+        """Start writing a store at ``path`` (atomically: see :class:`EpisodeWriter`)."""
+        return EpisodeWriter(path, meta, zarr_format=zarr_format, overwrite=overwrite, resume=resume)
+
+
+def _open_validated(path: Path, check_values: bool) -> tuple[zarr.Group, StoreMeta, np.ndarray]:
+    if not path.exists():
+        raise _err(path, "/", "no such store")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise _err(path, "/", f"not a zarr group ({type(e).__name__}: {e})") from None
+    attrs = root.attrs.get(ATTRS_KEY)
+    if not isinstance(attrs, dict):
+        raise _err(path, f".zattrs/{ATTRS_KEY}", "missing store attributes (schema_version, task, ...)")
+    meta = StoreMeta.from_dict(attrs, path)
+    if EPISODE_ENDS not in root:
+        raise _err(path, EPISODE_ENDS, "missing: the store has no episode index")
+    ends = np.asarray(root[EPISODE_ENDS][:], dtype=np.int64)
+    if ends.size == 0:
+        raise _err(path, EPISODE_ENDS, "empty store: 0 episodes")
+    if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
+        raise _err(path, EPISODE_ENDS, "episode ends must be positive and strictly increasing")
+    if "data" not in root or ACTION_KEY not in root["data"]:
+        raise _err(path, f"data/{ACTION_KEY}", "missing: the store has no actions")
+    data_keys = set(root["data"].array_keys())
+    if data_keys - {ACTION_KEY} != set(meta.obs_kinds):
+        raise _err(
+            path,
+            f".zattrs/{ATTRS_KEY}/obs_kinds",
+            f"lists {sorted(meta.obs_kinds)} but data/ holds {sorted(data_keys - {ACTION_KEY})}",
+        )
+    for key in sorted(data_keys):
+        arr = root["data"][key]
+        if arr.shape[0] != ends[-1]:
+            raise _err(
+                path,
+                f"data/{key}",
+                f"length {arr.shape[0]} does not match the last episode end {int(ends[-1])}",
+            )
+        if check_values:
+            _check_finite(path, key, arr)
+    if root["data"][ACTION_KEY].shape[1:] != (meta.action_dim,):
+        raise _err(
+            path,
+            f"data/{ACTION_KEY}",
+            f"shape {root['data'][ACTION_KEY].shape} does not match action bounds of dim {meta.action_dim}",
+        )
+    return root, meta, ends
+
+
+class EpisodeWriter:
+    """Appends episodes to ``<path>.partial`` and renames it to ``path`` on :meth:`commit`.
+
+    Use as a context manager: leaving the block normally commits; a :class:`StoreError` (bad data)
+    deletes the partial store; any other exception (Ctrl-C, a crash) keeps it, and a writer created
+    with ``resume=True`` continues from its complete episodes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        meta: StoreMeta,
+        *,
+        zarr_format: int = 2,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
+        if zarr_format not in (2, 3):
+            raise StoreError(f"{path}: zarr_format must be 2 or 3, got {zarr_format}")
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        if self.path.exists() and not overwrite:
+            raise StoreError(f"{self.path}: /: already exists (pass overwrite to replace it)")
+        self.zarr_format = zarr_format
+        self.meta = meta
+        self._committed = False
+        if resume and self.partial.exists() and self._resume():
+            return
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        self._root = zarr.open_group(str(self.partial), mode="w", zarr_format=zarr_format)
+        self._root.create_group("data")
+        self._root.create_array(
+            EPISODE_ENDS, shape=(0,), chunks=(4096,), dtype="int64", compressors=_compressor(zarr_format)
+        )
+        self._flush_meta()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def n_episodes(self) -> int:
+        return int(self._root[EPISODE_ENDS].shape[0])
+
+    @property
+    def n_steps(self) -> int:
+        ends = self._root[EPISODE_ENDS]
+        return int(ends[-1]) if ends.shape[0] else 0
+
+    def _flush_meta(self) -> None:
+        self._root.attrs[ATTRS_KEY] = self.meta.to_dict()
+
+    def _resume(self) -> bool:
+        """Reopen the partial store if it was made by the same task and params; drop torn writes."""
+        try:
+            root = zarr.open_group(str(self.partial), mode="r+")
+            old = StoreMeta.from_dict(root.attrs[ATTRS_KEY], self.partial)
+        except Exception as e:  # unreadable partial store: start over
+            log.warning("%s: cannot resume (%s); starting over", self.partial, e)
+            return False
+        if (old.task, old.params, root.metadata.zarr_format) != (
+            self.meta.task,
+            self.meta.params,
+            self.zarr_format,
+        ):
+            log.warning("%s: made with other task/params; starting over", self.partial)
+            return False
+        self._root = root
+        n, end = self.n_episodes, self.n_steps
+        for key in root["data"].array_keys():  # a crash between appends leaves arrays too long
+            arr = root["data"][key]
+            if arr.shape[0] != end:
+                arr.resize((end, *arr.shape[1:]))
+        self.meta = old
+        self.meta.episode_seeds = old.episode_seeds[:n]
+        self.meta.n_attempts = max(old.n_attempts, n)
+        self._flush_meta()
+        log.info("%s: resuming after %d episodes (%d attempts)", self.partial, n, self.meta.n_attempts)
+        return True
+
+    # -- appending ------------------------------------------------------------------------------
+    def add_episode(self, steps: dict[str, np.ndarray], seed: int) -> None:
+        """Append one episode: ``{key: (T, ...)}`` for ``action`` and every observation key."""
+        expected = {ACTION_KEY, *self.meta.obs_kinds}
+        if set(steps) != expected:
+            raise _err(
+                self.partial,
+                "data",
+                f"episode keys {sorted(steps)} differ from the store's {sorted(expected)}",
+            )
+        lengths = {k: len(v) for k, v in steps.items()}
+        if len(set(lengths.values())) != 1 or not lengths[ACTION_KEY]:
+            raise _err(self.partial, "data", f"episode arrays must share a non-zero length, got {lengths}")
+        if steps[ACTION_KEY].shape[1:] != (self.meta.action_dim,):
+            raise _err(
+                self.partial,
+                f"data/{ACTION_KEY}",
+                f"expected shape (T, {self.meta.action_dim}), got {steps[ACTION_KEY].shape}",
+            )
+        data = self._root["data"]
+        for key, value in steps.items():
+            value = np.asarray(value)
+            _check_finite(self.partial, key, value, offset=self.n_steps)
+            if key not in data:
+                data.create_array(
+                    key,
+                    shape=(0, *value.shape[1:]),
+                    chunks=(_chunk_steps(value.shape[1:], value.dtype), *value.shape[1:]),
+                    dtype=value.dtype,
+                    compressors=_compressor(self.zarr_format),
+                )
+            elif data[key].shape[1:] != value.shape[1:] or data[key].dtype != value.dtype:
+                raise _err(
+                    self.partial,
+                    f"data/{key}",
+                    f"expected {data[key].dtype}{data[key].shape[1:]} per step, "
+                    f"got {value.dtype}{value.shape[1:]}",
+                )
+        # Arrays first, then the episode index, then attributes: a crash in between is repaired
+        # on resume by truncating the arrays to the last recorded episode end.
+        for key, value in steps.items():
+            data[key].append(np.asarray(value), axis=0)
+        self._root[EPISODE_ENDS].append(np.array([self.n_steps + lengths[ACTION_KEY]]), axis=0)
+        self.meta.episode_seeds.append(int(seed))
+        self.meta.n_attempts += 1
+        self._flush_meta()
+
+    def skip_episode(self, seed: int) -> None:
+        """Record an attempt whose episode is not kept (e.g. the expert failed)."""
+        self.meta.n_attempts += 1
+        self._flush_meta()
+
+    # -- finishing ------------------------------------------------------------------------------
+    def commit(self) -> EpisodeStore:
+        """Validate the partial store and move it to its final path (replacing any old one)."""
+        EpisodeStore(self.partial, check_values=False)  # structure; values were checked on append
+        old = self.path.with_name(self.path.name + f".old-{os.getpid()}")
+        if self.path.exists():
+            self.path.rename(old)
+        self.partial.rename(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+        self._committed = True
+        store = EpisodeStore(self.path, check_values=False)
+        log.info("wrote %s (%d episodes, %d steps)", self.path, store.n_episodes, store.n_steps)
+        return store
+
+    def discard(self) -> None:
+        """Delete the partial store."""
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> EpisodeWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is None:
+            if not self._committed:
+                try:
+                    self.commit()
+                except StoreError:
+                    self.discard()
+                    raise
+        elif issubclass(exc_type, StoreError):
+            self.discard()
+        elif self.partial.exists():
+            log.warning("%s kept after %s: rerun with resume to continue", self.partial, exc_type.__name__)

@@ -1,0 +1,1 @@
+"""difftori.eval: simulator envs, scripted experts, rollouts and demo generation."""

@@ -1,0 +1,1 @@
+"""difftori.pipeline: the `difftori` command line (one subcommand per DVC stage)."""

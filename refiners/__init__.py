@@ -1,0 +1,1 @@
+"""difftori.refiners: DiffTORI, residual and IBC refiners (walking skeleton 3/4)."""
