@@ -136,3 +136,12 @@ def test_demos_resume_after_interruption(stores, tmp_path, monkeypatch):
     assert store.meta.episode_seeds == stores[0].meta.episode_seeds
     np.testing.assert_array_equal(store.array("action")[:], stores[0].array("action")[:])
     assert not out.with_name("r.zarr.partial").exists()
+
+
+def test_optional_image_observation(tmp_path):
+    cfg = DemoConfig(suite="metaworld", task="reach", episodes=1, seed=0, obs={"image": True, "n_points": 64})
+    store = generate_demos(cfg, tmp_path / "img.zarr", resume=False)
+    assert store.meta.obs_kinds["image"] == "image"
+    img = store.episode(0, keys=["image"])["image"]
+    assert img.shape[1:] == (3, 84, 84) and img.dtype == np.uint8
+    assert img.std() > 10  # a rendered scene, not a blank frame
