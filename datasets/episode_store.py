@@ -343,6 +343,16 @@ class EpisodeWriter:
                 f"data/{ACTION_KEY}",
                 f"expected shape (T, {self.meta.action_dim}), got {steps[ACTION_KEY].shape}",
             )
+        low, high = np.asarray(self.meta.action_low), np.asarray(self.meta.action_high)
+        outside = np.any((steps[ACTION_KEY] < low - 1e-6) | (steps[ACTION_KEY] > high + 1e-6), axis=1)
+        if outside.any():
+            t = int(np.argmax(outside))
+            raise _err(
+                self.partial,
+                f"data/{ACTION_KEY}",
+                f"action {steps[ACTION_KEY][t].tolist()} at step {self.n_steps + t} is outside the "
+                f"store's bounds [{self.meta.action_low}, {self.meta.action_high}]",
+            )
         data = self._root["data"]
         for key, value in steps.items():
             value = np.asarray(value)

@@ -29,11 +29,13 @@ def run_episode(env: gym.Env, act: Act, seed: int, *, record: bool = False) -> E
     """Reset ``env`` with ``seed`` and step ``act`` until success (termination) or the step limit."""
     start = time.perf_counter()
     obs, _ = env.reset(seed=seed)
+    low, high = env.action_space.low, env.action_space.high
     seen: list[dict[str, np.ndarray]] = []
     actions: list[np.ndarray] = []
     ret, success, done, steps = 0.0, False, False, 0
     while not done:
-        action = np.asarray(act(obs), dtype=np.float32)
+        # What the env executes: experts (e.g. MetaWorld's) may ask for more than the bounds.
+        action = np.clip(np.asarray(act(obs), dtype=np.float32), low, high)
         if record:
             seen.append(obs)
             actions.append(action)

@@ -112,6 +112,15 @@ def test_nan_on_write_leaves_nothing(tmp_path, rng, bad_key):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_actions_outside_bounds_are_rejected(tmp_path, rng):
+    with pytest.raises(StoreError, match=r"data/action: action .* at step 2 is outside the store's bounds"):
+        with EpisodeStore.create(tmp_path / "s.zarr", small_meta()) as w:
+            ep = small_episode(rng, 4)
+            ep["action"][2, 1] = 1.5
+            w.add_episode(ep, seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_store_is_rejected_and_leaves_nothing(tmp_path):
     with pytest.raises(StoreError, match="empty store"):
         with EpisodeStore.create(tmp_path / "s.zarr", small_meta()):

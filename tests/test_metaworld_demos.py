@@ -27,6 +27,9 @@ def test_store_contents_and_metadata(stores):
     assert ep["agent_pos"].shape == (t, 4) and ep["state"].shape == (t, 39)
     assert ep["action"].shape == (t, 4)
     np.testing.assert_array_equal(ep["agent_pos"], ep["state"][:, :4])
+    actions = store.array("action")[:]
+    assert np.abs(actions).max() <= 1.0  # the executed (clipped) actions are recorded
+    assert np.isclose(np.abs(actions[:, :3]), 1.0).any()  # the expert does saturate them
     m = store.meta
     assert (m.task, m.suite, m.source) == (TASK, "metaworld", "metaworld-expert")
     assert m.obs_kinds == {"point_cloud": "point_cloud", "agent_pos": "lowdim", "state": "lowdim"}
