@@ -60,8 +60,94 @@ def _add_demos(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demos)
 
 
+def _train_base(args: argparse.Namespace) -> None:
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.pipeline.params import load_params, section
+    from difftori.pipeline.train_base import import_checkpoint, train_base
+    from difftori.pipeline.training import TrainConfig
+
+    params = load_params(args.params)
+    demos = args.demos or Path("data/demos") / f"{args.task}.zarr"
+    out = args.out or Path("models") / args.task / args.policy
+    checkpoint = args.checkpoint or section(params, "base_checkpoints", args.task).get(args.policy)
+    if checkpoint:
+        import_checkpoint(Path(checkpoint), out, args.policy, demos)
+        return
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed)) if v is not None}
+    cfg = config_from_dict(
+        TrainConfig, section(params, "train_base") | overrides, f"{args.params}: train_base"
+    )
+    policy_cfg = section(params, "policies", args.policy)
+    train_base(args.task, args.policy, demos, out, policy_cfg, cfg, progress=not args.no_progress)
+
+
+def _add_train_base(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-base",
+        help="train a base policy on a demo store (or import an existing checkpoint)",
+        description="Train a base policy (dp3, diffusion, pointnet_bc) with Lightning on "
+        "data/demos/<task>.zarr and save a safetensors + JSON checkpoint to models/<task>/<policy>. "
+        "Training settings come from the params file: train_base (TrainConfig) and policies.<policy> "
+        "(the policy's config). base_checkpoints.<task>.<policy> (or --checkpoint) names an existing "
+        "checkpoint to use instead of training. An interrupted run resumes from <out>.work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
+    p.add_argument("--policy", required=True, help="registered base policy: dp3, diffusion, pointnet_bc")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
+    p.add_argument("--out", type=Path, help="checkpoint directory (default models/<task>/<policy>)")
+    p.add_argument("--checkpoint", type=Path, help="import this checkpoint instead of training")
+    p.add_argument("--max-steps", type=int, help="override train_base.max_steps")
+    p.add_argument("--seed", type=int, help="override train_base.seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train_base)
+
+
+def _init_actions(args: argparse.Namespace) -> None:
+    from difftori.pipeline.init_actions import compute_init_actions
+    from difftori.pipeline.params import load_params, section
+
+    cfg = section(load_params(args.params), "init_actions")
+    compute_init_actions(
+        demos=args.demos or Path("data/demos") / f"{args.task}.zarr",
+        model=args.model or Path("models") / args.task / args.policy,
+        out=args.out or Path("data/inits") / args.task / f"{args.policy}.zarr",
+        samples=args.samples or cfg.get("samples", 4),
+        seed=args.seed if args.seed is not None else cfg.get("seed", 0),
+        batch_size=cfg.get("batch_size", 256),
+        weights=args.weights or cfg.get("weights", "ema"),
+    )
+
+
+def _add_init_actions(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "init-actions",
+        help="sample the frozen base policy's action windows at every demo step",
+        description="Run the frozen base policy (eval mode, no grad, EMA weights by default) over "
+        "every step of the demo store and store K samples of its action window per step in a zarr "
+        "aligned with the demos. Refiners train on these. Defaults come from the params file's "
+        "init_actions section.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
+    p.add_argument("--policy", required=True, help="base policy name")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
+    p.add_argument("--model", type=Path, help="base checkpoint (default models/<task>/<policy>)")
+    p.add_argument("--out", type=Path, help="output (default data/inits/<task>/<policy>.zarr)")
+    p.add_argument("--samples", type=int, help="samples per step (params init_actions.samples, else 4)")
+    p.add_argument("--seed", type=int, help="sampling seed (params init_actions.seed, else 0)")
+    p.add_argument("--weights", choices=("ema", "raw"), help="which weights (default ema)")
+    p.set_defaults(func=_init_actions)
+
+
 # Each entry adds one subcommand (one pipeline stage).
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demos]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demos,
+    _add_train_base,
+    _add_init_actions,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("OpenGL", "numba", "matplotlib"):
+    for noisy in ("OpenGL", "numba", "matplotlib", "lightning", "lightning.pytorch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:  # StoreError is a ValueError
+    except (ValueError, KeyError, RuntimeError, OSError) as e:  # Store/CheckpointError are ValueErrors
         log.error("%s", e)
         return 1
     return 0

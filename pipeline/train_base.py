@@ -1,0 +1,98 @@
+"""The ``train-base`` stage: train a base policy on a demo store, or import an existing checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from difftori.base_policies import ShapeMeta, load_policy, make_policy
+from difftori.base_policies.checkpoint import CheckpointError
+from difftori.datasets.episode_store import EpisodeStore
+from difftori.datasets.windows import WindowDataset
+from difftori.pipeline.training import LitTrainer, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+def split_episodes(n: int, val_episodes: int, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of episode indices into (train, validation); at least one training episode."""
+    val_episodes = min(val_episodes, n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[val_episodes:].tolist()), sorted(order[:val_episodes].tolist())
+
+
+def train_base(
+    task: str,
+    policy_name: str,
+    demos: Path,
+    out: Path,
+    policy_config: dict[str, Any] | None,
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``policy_name`` on ``demos`` and save it to ``out``; returns the training summary.
+
+    Lightning state lives in ``<out>.work`` while training (an interrupted run resumes from it)
+    and is removed once ``out`` is written.
+    """
+    store = EpisodeStore(demos)
+    L.seed_everything(cfg.seed, verbose=False)  # before building: initial weights are seeded too
+    policy = make_policy(policy_name, policy_config, ShapeMeta.from_store(store))
+    train_eps, val_eps = split_episodes(store.n_episodes, cfg.val_episodes, cfg.seed)
+    windows = dict(obs_keys=policy.obs_keys, horizon=policy.horizon, n_obs_steps=policy.n_obs_steps)
+    train = WindowDataset(store, episodes=train_eps, **windows)
+    val = WindowDataset(store, episodes=val_eps, **windows) if val_eps else None
+    policy.fit_normalizer(train.arrays())
+    log.info(
+        "training %s on %s: %d train episodes (%d windows), %d validation episodes, %d parameters",
+        policy_name,
+        task,
+        len(train_eps),
+        len(train),
+        len(val_eps),
+        sum(p.numel() for p in policy.parameters()),
+    )
+    lit = LitTrainer(policy, cfg)
+    work = out.with_name(out.name + ".work")
+    summary = fit(lit, train, val, work, progress=progress)
+    summary |= {"train_episodes": train_eps, "val_episodes": val_eps}
+    info = {
+        "task": task,
+        "demos": str(demos),
+        "demos_episode_seeds": store.meta.episode_seeds,
+        "train_config": asdict(cfg),
+        "summary": summary,
+    }
+    policy.save(out, ema_state=lit.ema_state_dict(), info=info)
+    shutil.copytree(work / "dvclive", out / "dvclive", dirs_exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("saved %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
+    return summary
+
+
+def import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path) -> None:
+    """Use an existing checkpoint instead of training: validate it against the demos and copy it."""
+    policy = load_policy(src)
+    if policy.name != policy_name:
+        raise CheckpointError(f"{src}: holds a '{policy.name}' policy, expected '{policy_name}'")
+    have = ShapeMeta.from_store(EpisodeStore(demos, check_values=False)).obs
+    for key in policy.obs_keys:
+        if key not in have or list(have[key]["shape"]) != list(policy.shape_meta.obs[key]["shape"]):
+            raise CheckpointError(
+                f"{src}: observation '{key}' {policy.shape_meta.obs[key]} does not match "
+                f"{demos}: {have.get(key)}"
+            )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("imported %s -> %s", src, out)
