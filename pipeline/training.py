@@ -177,6 +177,8 @@ def fit(
     from dvclive.lightning import DVCLiveLogger
 
     cfg = lit.cfg
+    for name in ("lightning.pytorch", "lightning.fabric"):  # set to INFO by Lightning on import
+        logging.getLogger(name).setLevel(logging.WARNING)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -213,7 +215,7 @@ def fit(
             )
         ],
         check_val_every_n_epoch=None,
-        val_check_interval=min(cfg.val_every_steps, cfg.max_steps) if val_loader else None,
+        val_check_interval=cfg.val_every_steps if val_loader else None,
         limit_val_batches=1.0 if val_loader else 0,
         num_sanity_val_steps=0,
         log_every_n_steps=10,
@@ -224,7 +226,7 @@ def fit(
     )
     start = time.perf_counter()
     trainer.fit(lit, loader, val_loader, ckpt_path=str(last) if resume else None)
-    if val_loader is not None:
+    if val_loader is not None and cfg.max_steps % cfg.val_every_steps:  # last step not validated yet
         trainer.validate(lit, val_loader, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
