@@ -75,13 +75,14 @@ class PolicyConfig:
             )
 
 
-class BasePolicy(nn.Module, ABC):
-    """A policy behind the contract above; subclasses register themselves by name."""
+class ObsConditioned(nn.Module):
+    """What every policy and refiner shares: chosen observation keys, a normaliser over them and
+    the action, an observation encoder, and saving as a self-describing checkpoint."""
 
     name: ClassVar[str] = ""
-    config_cls: ClassVar[type[PolicyConfig]] = PolicyConfig
+    kind: ClassVar[str] = ""  # checkpoint kind: "base_policy" or "refiner"
 
-    def __init__(self, config: PolicyConfig, shape_meta: ShapeMeta) -> None:
+    def __init__(self, config: Any, shape_meta: ShapeMeta, n_obs_steps: int) -> None:
         super().__init__()
         keys = tuple(config.obs_keys) or self.default_obs_keys(shape_meta)
         missing = [k for k in keys if k not in shape_meta.obs]
@@ -98,19 +99,49 @@ class BasePolicy(nn.Module, ABC):
         images = tuple(k for k in keys if kinds[k] == "image")
         dims = {k: shapes[k][-1] for k in keys if k not in images} | {ACTION_KEY: shape_meta.action_dim}
         self.normalizer = Normalizer(dims, images=images)
-        self.obs_encoder = ObsEncoder(kinds, shapes, config.n_obs_steps, config.encoder)
+        self.obs_encoder = ObsEncoder(kinds, shapes, n_obs_steps, config.encoder)
+        self._n_obs_steps = n_obs_steps
         self.info: dict[str, Any] = {}
         self.weights = "raw"  # which weights are loaded: "raw" or "ema"
 
-    # -- construction ---------------------------------------------------------------------------
     @classmethod
     def default_obs_keys(cls, shape_meta: ShapeMeta) -> tuple[str, ...]:
-        """Keys used when the config names none (the policy's natural observation)."""
+        """Keys used when the config names none (the module's natural observation)."""
         return tuple(sorted(shape_meta.obs))
 
     def fit_normalizer(self, data: dict[str, np.ndarray]) -> None:
         """Fit min/max of every normalised key (observations and ``action``) from raw steps."""
         self.normalizer.fit({k: data[k] for k in self.normalizer.keys})
+
+    def encode_obs(self, obs: Obs) -> torch.Tensor:
+        """Normalise the module's observation keys and encode them to (B, To * frame_dim)."""
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise KeyError(f"{self.name}: observation key '{missing[0]}' missing from obs {sorted(obs)}")
+        normed = {k: self.normalizer.normalize(k, obs[k][:, : self._n_obs_steps]) for k in self.obs_keys}
+        return self.obs_encoder(normed)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        ema_state: dict[str, torch.Tensor] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write a self-describing checkpoint directory (safetensors + config.json)."""
+        config = config_to_dict(self.config) | {"obs_keys": list(self.obs_keys)}
+        ckpt = Checkpoint(self.kind, self.name, config, self.shape_meta.to_dict(), info or self.info)
+        weights = {"raw": self.state_dict()} | ({"ema": ema_state} if ema_state is not None else {})
+        return write_checkpoint(path, ckpt, weights)
+
+
+class BasePolicy(ObsConditioned, ABC):
+    """A policy behind the contract above; subclasses register themselves by name."""
+
+    kind = "base_policy"
+    config_cls: ClassVar[type[PolicyConfig]] = PolicyConfig
+
+    def __init__(self, config: PolicyConfig, shape_meta: ShapeMeta) -> None:
+        super().__init__(config, shape_meta, config.n_obs_steps)
 
     # -- the contract ---------------------------------------------------------------------------
     @property
@@ -145,25 +176,3 @@ class BasePolicy(nn.Module, ABC):
         gen = torch.Generator(device=batch["action"].device).manual_seed(seed)
         pred = self.predict_action_chunk(batch["obs"], gen)
         return {"loss": self.compute_loss(batch), "action_mse": F.mse_loss(pred, batch["action"].float())}
-
-    # -- helpers for subclasses -----------------------------------------------------------------
-    def encode_obs(self, obs: Obs) -> torch.Tensor:
-        """Normalise the policy's observation keys and encode them to (B, To * frame_dim)."""
-        missing = [k for k in self.obs_keys if k not in obs]
-        if missing:
-            raise KeyError(f"{self.name}: observation key '{missing[0]}' missing from obs {sorted(obs)}")
-        normed = {k: self.normalizer.normalize(k, obs[k][:, : self.n_obs_steps]) for k in self.obs_keys}
-        return self.obs_encoder(normed)
-
-    # -- checkpoints ----------------------------------------------------------------------------
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        ema_state: dict[str, torch.Tensor] | None = None,
-        info: dict[str, Any] | None = None,
-    ) -> Path:
-        """Write a self-describing checkpoint directory (safetensors + config.json)."""
-        config = config_to_dict(self.config) | {"obs_keys": list(self.obs_keys)}
-        ckpt = Checkpoint("base_policy", self.name, config, self.shape_meta.to_dict(), info or self.info)
-        weights = {"raw": self.state_dict()} | ({"ema": ema_state} if ema_state is not None else {})
-        return write_checkpoint(path, ckpt, weights)

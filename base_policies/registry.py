@@ -1,4 +1,8 @@
-"""Base policies by name: ``make_policy("dp3", config, shape_meta)`` and ``load_policy(dir)``."""
+"""Registries by name: ``POLICIES.make("dp3", config, shape_meta)``, ``POLICIES.load(dir)``.
+
+The same :class:`Registry` holds the refiners (:mod:`difftori.refiners`). Adding a policy or a
+refiner is adding one module whose class is decorated with ``@REGISTRY.register``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from difftori.base_policies.base import BasePolicy, ShapeMeta
+from difftori.base_policies.base import ObsConditioned, ShapeMeta
 from difftori.base_policies.checkpoint import (
     CheckpointError,
     load_state_strict,
@@ -15,43 +19,51 @@ from difftori.base_policies.checkpoint import (
 )
 from difftori.base_policies.configs import config_from_dict
 
-POLICIES: dict[str, type[BasePolicy]] = {}
+
+class Registry(dict[str, type[ObsConditioned]]):
+    """Name -> class, with building from a config dict and loading from a checkpoint directory."""
+
+    def __init__(self, kind: str, label: str) -> None:
+        super().__init__()
+        self.kind, self.label = kind, label
+
+    def register(self, cls: type[ObsConditioned]) -> type[ObsConditioned]:
+        """Class decorator: make ``cls`` available under ``cls.name``."""
+        self[cls.name] = cls
+        return cls
+
+    def get_class(self, name: str) -> type[ObsConditioned]:
+        if name not in self:
+            raise ValueError(f"unknown {self.label} {name!r}; registered: {', '.join(sorted(self))}")
+        return self[name]
+
+    def make(self, name: str, config: dict[str, Any] | None, shape_meta: ShapeMeta) -> Any:
+        """A new, untrained ``name`` with ``config`` (a dict, validated) for data of ``shape_meta``."""
+        cls = self.get_class(name)
+        return cls(config_from_dict(cls.config_cls, config, f"{name} config"), shape_meta)
+
+    def load(self, path: str | os.PathLike[str], weights: str = "ema") -> Any:
+        """Rebuild a saved module from its directory, without any training code, in eval mode.
+
+        ``weights="ema"`` loads the EMA weights when the checkpoint has them (else the raw ones);
+        the module's ``weights`` attribute says which were loaded.
+        """
+        path = Path(path)
+        ckpt = read_checkpoint(path, kind=self.kind)
+        try:
+            cls = self.get_class(ckpt.name)
+            config = config_from_dict(cls.config_cls, ckpt.config, f"{path / 'config.json'}: config")
+            module = cls(config, ShapeMeta.from_dict(ckpt.shape_meta))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        state, which = read_weights(path, weights)
+        load_state_strict(module, state, path)
+        module.weights = which
+        module.info = ckpt.info
+        return module.eval()
 
 
-def register(cls: type[BasePolicy]) -> type[BasePolicy]:
-    """Class decorator: make a policy available under ``cls.name``."""
-    POLICIES[cls.name] = cls
-    return cls
-
-
-def policy_class(name: str) -> type[BasePolicy]:
-    if name not in POLICIES:
-        raise ValueError(f"unknown base policy {name!r}; registered: {', '.join(sorted(POLICIES))}")
-    return POLICIES[name]
-
-
-def make_policy(name: str, config: dict[str, Any] | None, shape_meta: ShapeMeta) -> BasePolicy:
-    """A new, untrained policy ``name`` with ``config`` (a dict, validated) for data of ``shape_meta``."""
-    cls = policy_class(name)
-    return cls(config_from_dict(cls.config_cls, config, f"{name} config"), shape_meta)
-
-
-def load_policy(path: str | os.PathLike[str], weights: str = "ema") -> BasePolicy:
-    """Rebuild a saved policy from its directory, without any training code.
-
-    ``weights="ema"`` loads the EMA weights when the checkpoint has them (else the raw ones);
-    the policy's ``weights`` attribute says which were loaded. The policy is in eval mode.
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path, kind="base_policy")
-    try:
-        cls = policy_class(ckpt.name)
-        config = config_from_dict(cls.config_cls, ckpt.config, f"{path / 'config.json'}: config")
-        policy = cls(config, ShapeMeta.from_dict(ckpt.shape_meta))
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    state, which = read_weights(path, weights)
-    load_state_strict(policy, state, path)
-    policy.weights = which
-    policy.info = ckpt.info
-    return policy.eval()
+POLICIES = Registry("base_policy", "base policy")
+register = POLICIES.register
+make_policy = POLICIES.make
+load_policy = POLICIES.load

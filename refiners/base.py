@@ -1,0 +1,129 @@
+"""The Refiner contract and the composite RefinedPolicy.
+
+A refiner improves a base policy's action window at test time:
+
+* ``refine(obs, init_action) -> (B, H, Da)``: ``obs`` as for base policies ``{key: (B, To, ...)}``,
+  ``init_action`` the base policy's window (B, H, Da) in env units; returns a window in env units;
+* ``compute_loss(batch)``: ``batch = {"obs", "action": (B, H, Da) expert window,
+  "init_action": (B, K, H, Da) K stored base samples}`` (from ``difftori init-actions``);
+* ``validation_metrics(batch)``: loss, MSE of refined and of initial windows to the expert.
+
+A refiner owns its normaliser and observation encoder (it does not share the base's weights).
+:class:`RefinedPolicy` wraps (base, refiner) behind the BasePolicy contract, so evaluation treats
+refined and plain policies alike.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from difftori.base_policies.base import BasePolicy, Obs, ObsConditioned, ShapeMeta
+from difftori.base_policies.encoders import EncoderConfig
+from difftori.base_policies.registry import Registry
+from difftori.datasets.episode_store import ACTION_KEY
+from torch.nn import functional as F
+
+REFINERS = Registry("refiner", "refiner")
+
+
+@dataclass(frozen=True)
+class RefinerConfig:
+    """Fields every refiner has. ``horizon``/``n_obs_steps``/``n_action_steps`` are the base
+    policy's (train-refiner copies them); empty ``obs_keys`` means the refiner's default keys."""
+
+    obs_keys: tuple[str, ...] = ()
+    horizon: int = 4
+    n_obs_steps: int = 2
+    n_action_steps: int = 3
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+
+
+class Refiner(ObsConditioned):
+    kind = "refiner"
+    config_cls: ClassVar[type[RefinerConfig]] = RefinerConfig
+
+    def __init__(self, config: RefinerConfig, shape_meta: ShapeMeta) -> None:
+        super().__init__(config, shape_meta, config.n_obs_steps)
+        self.chunk_dim = config.horizon * shape_meta.action_dim
+
+    @classmethod
+    def default_obs_keys(cls, shape_meta: ShapeMeta) -> tuple[str, ...]:
+        """Point cloud + agent_pos when present (DP3's observation), else every low-dim key."""
+        if "point_cloud" in shape_meta.obs:
+            return ("point_cloud", *(["agent_pos"] if "agent_pos" in shape_meta.obs else []))
+        return tuple(sorted(k for k, v in shape_meta.obs.items() if v["kind"] != "point_cloud"))
+
+    # -- normalised flat action windows ---------------------------------------------------------
+    def to_flat(self, action: torch.Tensor) -> torch.Tensor:
+        """(..., H, Da) env units -> (..., H*Da) normalised."""
+        return self.normalizer.normalize(ACTION_KEY, action).flatten(-2)
+
+    def from_flat(self, flat: torch.Tensor) -> torch.Tensor:
+        """(..., H*Da) normalised -> (..., H, Da) env units."""
+        shape = (*flat.shape[:-1], self.config.horizon, self.shape_meta.action_dim)
+        return self.normalizer.unnormalize(ACTION_KEY, flat.reshape(shape))
+
+    @staticmethod
+    def pick_init(batch: dict[str, Any]) -> torch.Tensor:
+        """One of the K stored base samples per training item, at random (global RNG, seeded)."""
+        init = batch["init_action"]
+        k = torch.randint(0, init.shape[1], (init.shape[0],), device=init.device)
+        return init[torch.arange(init.shape[0], device=init.device), k]
+
+    # -- the contract ---------------------------------------------------------------------------
+    @abstractmethod
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def refine(
+        self, obs: Obs, init_action: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(B, H, Da) refined window in env units."""
+
+    def validation_metrics(self, batch: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
+        gen = torch.Generator(device=batch["action"].device).manual_seed(seed)
+        init = batch["init_action"][:, 0]
+        with torch.no_grad():
+            refined = self.refine(batch["obs"], init, gen)
+        expert = batch["action"].float()
+        return {
+            "loss": self.compute_loss(batch),
+            "action_mse": F.mse_loss(refined, expert),
+            "init_action_mse": F.mse_loss(init, expert),
+        }
+
+
+class RefinedPolicy(torch.nn.Module):
+    """(base, refiner) behind the inference half of the BasePolicy contract (``predict_action``,
+    ``predict_action_chunk``, ``reset``, window sizes), so evaluation treats refined and plain
+    policies alike. Train the two parts separately."""
+
+    def __init__(self, base: BasePolicy, refiner: Refiner) -> None:
+        super().__init__()
+        if (refiner.config.horizon, refiner.config.n_obs_steps) != (base.horizon, base.n_obs_steps):
+            raise ValueError(
+                f"refiner windows (H={refiner.config.horizon}, To={refiner.config.n_obs_steps}) differ "
+                f"from the base policy's (H={base.horizon}, To={base.n_obs_steps})"
+            )
+        self.base, self.refiner = base, refiner
+        self.name = f"{refiner.name}+{base.name}"
+        self.horizon, self.n_obs_steps, self.n_action_steps = (
+            base.horizon,
+            base.n_obs_steps,
+            base.n_action_steps,
+        )
+        self.obs_keys = tuple(dict.fromkeys((*base.obs_keys, *refiner.obs_keys)))
+
+    @torch.no_grad()
+    def predict_action_chunk(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.refiner.refine(obs, self.base.predict_action_chunk(obs, generator), generator)
+
+    def predict_action(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+        start = self.n_obs_steps - 1
+        return self.predict_action_chunk(obs, generator)[:, start : start + self.n_action_steps]
+
+    def reset(self) -> None:
+        self.base.reset()
