@@ -118,7 +118,7 @@ def _cholesky_solve(
     failures = 0
     ok = torch.zeros(A.shape[0], dtype=torch.bool, device=A.device)
     x = torch.zeros_like(b)
-    for attempt in range(_RETRIES + 1):
+    for _ in range(_RETRIES + 1):
         L, info = torch.linalg.cholesky_ex(A + lam.view(-1, 1, 1) * eye)
         good = (info == 0) & ~ok
         if good.any():

@@ -69,7 +69,7 @@ def test_jacobian_matches_autograd():
     ctx = torch.randn(3, 3, dtype=torch.float64)
     r, J = jacobian(f, x, ctx)
     for b in range(3):
-        ref = torch.autograd.functional.jacobian(lambda y: f(y[None], ctx[b : b + 1])[0], x[b])
+        ref = torch.autograd.functional.jacobian(lambda y, b=b: f(y[None], ctx[b : b + 1])[0], x[b])
         torch.testing.assert_close(J[b], ref)
     torch.testing.assert_close(r, f(x, ctx))
 
