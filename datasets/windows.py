@@ -69,3 +69,22 @@ class WindowDataset(torch.utils.data.Dataset):
     def arrays(self) -> dict[str, np.ndarray]:
         """The selected episodes' raw steps per key (for fitting a normaliser)."""
         return {k: v[self.steps] for k, v in self.data.items()}
+
+
+class InitActionWindows(torch.utils.data.Dataset):
+    """Window samples plus the K stored base-policy windows for the same anchor step:
+    ``{"obs", "action", "init_action": (K, H, Da)}`` (refiner training)."""
+
+    def __init__(self, windows: WindowDataset, init_actions: np.ndarray) -> None:
+        if init_actions.shape[2] != windows.horizon:
+            raise ValueError(f"init actions have horizon {init_actions.shape[2]}, windows {windows.horizon}")
+        self.windows = windows
+        self.init_actions = np.asarray(init_actions, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.windows[i]
+        item["init_action"] = torch.from_numpy(self.init_actions[self.windows.steps[i]])
+        return item

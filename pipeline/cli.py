@@ -142,11 +142,58 @@ def _add_init_actions(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_init_actions)
 
 
+def _train_refiner(args: argparse.Namespace) -> None:
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.pipeline.params import load_params, section
+    from difftori.pipeline.train_refiner import train_refiner
+    from difftori.pipeline.training import TrainConfig
+
+    params = load_params(args.params)
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed)) if v is not None}
+    cfg = config_from_dict(
+        TrainConfig, section(params, "train_refiner") | overrides, f"{args.params}: train_refiner"
+    )
+    train_refiner(
+        args.task,
+        args.refiner,
+        demos=args.demos or Path("data/demos") / f"{args.task}.zarr",
+        inits_path=args.inits or Path("data/inits") / args.task / f"{args.policy}.zarr",
+        out=args.out or Path("models") / args.task / f"{args.policy}-{args.refiner}",
+        refiner_config=section(params, "refiner_configs", args.refiner),
+        cfg=cfg,
+        progress=not args.no_progress,
+    )
+
+
+def _add_train_refiner(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-refiner",
+        help="train a refiner (difftori, residual, ibc) on top of a frozen base policy",
+        description="Train a refiner with Lightning on data/demos/<task>.zarr and the frozen base "
+        "policy's stored action windows data/inits/<task>/<policy>.zarr; save it to "
+        "models/<task>/<policy>-<refiner>. Settings: params train_refiner (TrainConfig) and "
+        "refiner_configs.<refiner>. The validation episodes are the base policy's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
+    p.add_argument("--policy", required=True, help="base policy name")
+    p.add_argument("--refiner", required=True, help="registered refiner: difftori, residual, ibc")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
+    p.add_argument("--inits", type=Path, help="init actions (default data/inits/<task>/<policy>.zarr)")
+    p.add_argument("--out", type=Path, help="checkpoint directory (default models/<task>/<policy>-<refiner>)")
+    p.add_argument("--max-steps", type=int, help="override train_refiner.max_steps")
+    p.add_argument("--seed", type=int, help="override train_refiner.seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train_refiner)
+
+
 # Each entry adds one subcommand (one pipeline stage).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demos,
     _add_train_base,
     _add_init_actions,
+    _add_train_refiner,
 ]
 
 

@@ -90,6 +90,8 @@ class LitTrainer(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.module.compute_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["action"].shape[0])
+        if hasattr(self.module, "cholesky_failures"):  # trajectory-optimising refiners
+            self.log("train/cholesky_failures", float(self.module.cholesky_failures), batch_size=1)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

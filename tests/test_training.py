@@ -156,3 +156,44 @@ def test_import_rejects_mismatched_observations(store, tmp_path):
     other = write_policy_store(tmp_path / "o.zarr", episodes=2, length=8, n_points=16)
     with pytest.raises(CheckpointError, match="observation 'point_cloud'"):
         import_checkpoint(tmp_path / "m", tmp_path / "out", "pointnet_bc", other.path)
+
+
+@pytest.mark.parametrize("refiner", ["difftori", "residual", "ibc"])
+def test_cli_train_refiner_end_to_end(store, tmp_path, refiner):
+    """base -> init-actions -> train-refiner through the CLI; the refiner reuses the base's split
+    and composes with the base into a policy."""
+    from difftori.refiners import REFINERS, RefinedPolicy
+
+    small = {"encoder": TINY_CONFIGS["pointnet_bc"]["encoder"], "hidden": [32, 32]}
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "train_base": {
+                    "max_steps": 4,
+                    "batch_size": 16,
+                    "val_every_steps": 4,
+                    "num_threads": 1,
+                    "seed": 3,
+                },
+                "train_refiner": {"max_steps": 3, "batch_size": 16, "val_every_steps": 3, "num_threads": 1},
+                "policies": {"pointnet_bc": TINY_CONFIGS["pointnet_bc"]},
+                "refiner_configs": {refiner: small},
+                "init_actions": {"samples": 2},
+            }
+        )
+    )
+    common = ["--task", "toy", "--policy", "pointnet_bc", "--params", str(params), "--demos", str(store.path)]
+    base, inits, out = tmp_path / "base", tmp_path / "inits.zarr", tmp_path / "ref"
+    assert main(["train-base", *common, "--out", str(base), "--no-progress"]) == 0
+    assert main(["init-actions", *common, "--model", str(base), "--out", str(inits)]) == 0
+    args = [*common, "--refiner", refiner, "--inits", str(inits), "--out", str(out), "--no-progress"]
+    assert main(["train-refiner", *args]) == 0
+    loaded = REFINERS.load(out)
+    base_info = load_policy(base).info["summary"]
+    assert loaded.info["summary"]["val_episodes"] == base_info["val_episodes"]
+    assert loaded.info["base_policy"] == "pointnet_bc" and loaded.config.horizon == 4
+    assert {"val/action_mse", "val/init_action_mse"} <= set(loaded.info["summary"]["metrics"])
+    policy = RefinedPolicy(load_policy(base), loaded)
+    obs = {k: v[None] for k, v in WindowDataset(store, policy.obs_keys, 4, 2)[0]["obs"].items()}
+    assert policy.predict_action(obs, torch.Generator().manual_seed(0)).shape == (1, 3, 4)

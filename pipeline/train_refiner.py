@@ -1,0 +1,98 @@
+"""The ``train-refiner`` stage: train a refiner on demos + the frozen base's stored init actions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from difftori.base_policies import ShapeMeta
+from difftori.base_policies.checkpoint import read_checkpoint
+from difftori.datasets.episode_store import EpisodeStore
+from difftori.datasets.init_action_store import InitActionStore
+from difftori.datasets.windows import InitActionWindows, WindowDataset
+from difftori.pipeline.train_base import split_episodes
+from difftori.pipeline.training import LitTrainer, TrainConfig, fit
+from difftori.refiners import REFINERS
+
+log = logging.getLogger(__name__)
+
+
+def base_split(inits: InitActionStore, n_episodes: int, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """The base policy's own train/validation split (from its checkpoint), so that the refiner's
+    held-out episodes are held out for the base too; a fresh seeded split if unavailable."""
+    try:
+        summary = read_checkpoint(inits.meta.checkpoint, "base_policy").info["summary"]
+        return summary["train_episodes"], summary["val_episodes"]
+    except (ValueError, KeyError, OSError):
+        return split_episodes(n_episodes, cfg.val_episodes, cfg.seed)
+
+
+def train_refiner(
+    task: str,
+    refiner_name: str,
+    demos: Path,
+    inits_path: Path,
+    out: Path,
+    refiner_config: dict[str, Any] | None,
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``refiner_name`` and save it to ``out``; returns the training summary."""
+    store = EpisodeStore(demos)
+    inits = InitActionStore(inits_path)
+    inits.check_aligned(store)
+    window = {"horizon": inits.meta.horizon, "n_obs_steps": inits.meta.n_obs_steps}
+    config = dict(refiner_config or {}) | window | {"n_action_steps": inits.meta.n_action_steps}
+    L.seed_everything(cfg.seed, verbose=False)
+    refiner = REFINERS.make(refiner_name, config, ShapeMeta.from_store(store))
+    train_eps, val_eps = base_split(inits, store.n_episodes, cfg)
+    init_actions = inits.actions[:]
+
+    def data(episodes: list[int]) -> InitActionWindows:
+        return InitActionWindows(
+            WindowDataset(store, refiner.obs_keys, episodes=episodes, **window), init_actions
+        )
+
+    train, val = data(train_eps), (data(val_eps) if val_eps else None)
+    raw = train.windows.arrays()
+    raw["action"] = np.concatenate(
+        [raw["action"], init_actions[train.windows.steps].reshape(-1, raw["action"].shape[-1])]
+    )
+    refiner.fit_normalizer(raw)
+    log.info(
+        "training %s on %s (base %s, %s weights): %d train / %d validation episodes, %d parameters",
+        refiner_name,
+        task,
+        inits.meta.policy,
+        inits.meta.weights,
+        len(train_eps),
+        len(val_eps),
+        sum(p.numel() for p in refiner.parameters()),
+    )
+    lit = LitTrainer(refiner, cfg)
+    work = out.with_name(out.name + ".work")
+    summary = fit(lit, train, val, work, progress=progress)
+    summary |= {"train_episodes": train_eps, "val_episodes": val_eps}
+    if hasattr(refiner, "cholesky_failures"):
+        summary["cholesky_failures"] = int(refiner.cholesky_failures)
+    info = {
+        "task": task,
+        "base_policy": inits.meta.policy,
+        "base_checkpoint": inits.meta.checkpoint,
+        "demos": str(demos),
+        "init_actions": str(inits_path),
+        "train_config": asdict(cfg),
+        "summary": summary,
+    }
+    refiner.save(out, ema_state=lit.ema_state_dict(), info=info)
+    shutil.copytree(work / "dvclive", out / "dvclive", dirs_exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("saved %s: %s", out, json.dumps(summary["metrics"]))
+    return summary
