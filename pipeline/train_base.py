@@ -15,7 +15,7 @@ from difftori.base_policies import ShapeMeta, load_policy, make_policy
 from difftori.base_policies.checkpoint import CheckpointError
 from difftori.datasets.episode_store import EpisodeStore
 from difftori.datasets.windows import WindowDataset
-from difftori.pipeline.training import LitTrainer, TrainConfig, fit
+from difftori.pipeline.training import LitTrainer, TrainConfig, fit, save_trained
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,7 @@ def train_base(
         "train_config": asdict(cfg),
         "summary": summary,
     }
-    policy.save(out, ema_state=lit.ema_state_dict(), info=info)
-    shutil.copytree(work / "dvclive", out / "dvclive", dirs_exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    save_trained(lit, work, out, info)
     log.info("saved %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
     return summary
 

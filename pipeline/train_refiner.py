@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from difftori.datasets.episode_store import EpisodeStore
 from difftori.datasets.init_action_store import InitActionStore
 from difftori.datasets.windows import InitActionWindows, WindowDataset
 from difftori.pipeline.train_base import split_episodes
-from difftori.pipeline.training import LitTrainer, TrainConfig, fit
+from difftori.pipeline.training import LitTrainer, TrainConfig, fit, save_trained
 from difftori.refiners import REFINERS
 
 log = logging.getLogger(__name__)
@@ -90,9 +89,6 @@ def train_refiner(
         "train_config": asdict(cfg),
         "summary": summary,
     }
-    refiner.save(out, ema_state=lit.ema_state_dict(), info=info)
-    shutil.copytree(work / "dvclive", out / "dvclive", dirs_exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
+    save_trained(lit, work, out, info)
     log.info("saved %s: %s", out, json.dumps(summary["metrics"]))
     return summary

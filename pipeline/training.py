@@ -11,9 +11,11 @@ Lightning picks the devices: CPU here, GPUs and DDP via ``accelerator``/``device
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,3 +240,12 @@ def fit(
         "metrics": metrics,
         "resumed": resume,
     }
+
+
+def save_trained(lit: LitTrainer, work_dir: Path, out: Path, info: dict[str, Any]) -> None:
+    """Write the trained module's checkpoint (raw + EMA weights), its dvclive metrics and
+    ``summary.json`` to ``out``; then drop the resume state in ``work_dir``."""
+    lit.module.save(out, ema_state=lit.ema_state_dict(), info=info)
+    shutil.copytree(work_dir / "dvclive", out / "dvclive", dirs_exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(info["summary"], indent=2))
+    shutil.rmtree(work_dir, ignore_errors=True)
