@@ -19,15 +19,17 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def mlp(sizes: Sequence[int], layer_norm: bool = False, last_act: bool = True) -> nn.Sequential:
-    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ReLU (and LayerNorm) between them."""
+def mlp(
+    sizes: Sequence[int], layer_norm: bool = False, last_act: bool = True, act: type[nn.Module] = nn.ReLU
+) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``act`` (and LayerNorm) between them."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_act:
             if layer_norm:
                 layers.append(nn.LayerNorm(b))
-            layers.append(nn.ReLU())
+            layers.append(act())
     return nn.Sequential(*layers)
 
 

@@ -76,8 +76,13 @@ class DiffTORIRefiner(Refiner):
         self.posterior = mlp([feat + c.latent_dim, *c.hidden, 2 * c.latent_dim], last_act=False)
         self.state_proj = nn.Sequential(nn.Linear(feat, c.state_dim), nn.LayerNorm(c.state_dim))
         joint = c.latent_dim + c.state_dim + self.chunk_dim
-        self.objective = _elu_mlp([joint, *c.hidden, c.objective_dim])
-        self.dynamics = _elu_mlp([joint, *c.hidden, c.state_dim]) if c.planning_horizon > 1 else None
+        # ELU, as in the official code's reward network
+        self.objective = mlp([joint, *c.hidden, c.objective_dim], last_act=False, act=nn.ELU)
+        self.dynamics = (
+            mlp([joint, *c.hidden, c.state_dim], last_act=False, act=nn.ELU)
+            if c.planning_horizon > 1
+            else None
+        )
         self.cholesky_failures = 0  # counted over the module's life; logged during training
 
     # -- the optimisation problem ---------------------------------------------------------------
@@ -142,13 +147,3 @@ class DiffTORIRefiner(Refiner):
         best = cost.view(-1, s).argmin(dim=1)
         refined = refined.detach().view(-1, s, self.chunk_dim)[torch.arange(best.shape[0]), best]
         return self.from_flat(refined)
-
-
-def _elu_mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear/ELU layers (the official code's reward network activation), no final activation."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(nn.ELU())
-    return nn.Sequential(*layers)
