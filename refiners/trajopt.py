@@ -32,9 +32,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.func import jvp, vmap
 
 ResidualFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,n), ctx (B,c)) -> (B,M)
+# (x, ctx) -> (residual (B,M), Jacobian (B,M,n)); a closed form where the caller has one
+JacobianFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 _MIN_DAMPING, _MAX_DAMPING = 1e-7, 1e7  # Theseus's LevenbergMarquardt bounds
 _UP, _DOWN, _ACCEPT = 11.0, 9.0, 0.1  # Theseus's adaptive damping defaults
@@ -82,11 +85,22 @@ class TrajOptResult:
     cholesky_failures: int  # samples x solves that needed more damping or failed
 
 
-def solve(residual_fn: ResidualFn, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrajOptConfig) -> TrajOptResult:
-    """Minimise ``1/2 ||residual_fn(x, ctx)||^2`` per sample from ``x0``; see the module docstring."""
+def solve(
+    residual_fn: ResidualFn,
+    x0: torch.Tensor,
+    ctx: torch.Tensor,
+    cfg: TrajOptConfig,
+    jacobian_fn: JacobianFn | None = None,
+) -> TrajOptResult:
+    """Minimise ``1/2 ||residual_fn(x, ctx)||^2`` per sample from ``x0``; see the module docstring.
+
+    ``jacobian_fn`` (torch backend only) replaces the forward-mode Jacobian with the caller's closed
+    form; it must return the same residual and Jacobian (DiffTORI's H = 1 objective does).
+    """
     if cfg.backend == "theseus":
         return _solve_theseus(residual_fn, x0, ctx, cfg)
-    return _solve_torch(residual_fn, x0, ctx, cfg)
+    jac = jacobian_fn or (lambda x, c: jacobian(residual_fn, x, c))
+    return _solve_torch(residual_fn, jac, x0, ctx, cfg)
 
 
 # -- the torch fast path -------------------------------------------------------------------------
@@ -106,6 +120,32 @@ def jacobian(
 
     r, cols = vmap(column, out_dims=(None, 0))(basis)  # cols: (n, B, M)
     return r, cols.permute(1, 2, 0)
+
+
+_ACT_GRADS: dict[type[nn.Module], Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    # d act(pre) / d pre, from the layer, the pre-activation and the activation's output
+    nn.ELU: lambda m, pre, out: torch.where(pre > 0, torch.ones_like(pre), out + m.alpha),
+    nn.ReLU: lambda m, pre, out: (pre > 0).to(pre.dtype),
+    nn.Tanh: lambda m, pre, out: 1 - out**2,
+}
+
+
+def mlp_jacobian(net: nn.Sequential, inp: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, out) of an MLP (``Linear`` and ELU/ReLU/Tanh layers) and its Jacobian (B, out, k)
+    with respect to ``inp[:, cols]``, by the chain rule in closed form (differentiable, like autograd).
+    """
+    h, J = inp, None
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            J = layer.weight[:, cols].expand(inp.shape[0], -1, -1) if J is None else layer.weight @ J
+            h = layer(h)
+        elif type(layer) in _ACT_GRADS:
+            out = layer(h)
+            J = _ACT_GRADS[type(layer)](layer, h, out).unsqueeze(-1) * J
+            h = out
+        else:
+            raise TypeError(f"mlp_jacobian: unsupported layer {type(layer).__name__}")
+    return h, J
 
 
 def _cholesky_solve(
@@ -136,6 +176,7 @@ def _cholesky_solve(
 
 def _lm_loop(
     residual_fn: ResidualFn,
+    jacobian_fn: JacobianFn,
     x: torch.Tensor,
     ctx: torch.Tensor,
     cfg: TrajOptConfig,
@@ -149,7 +190,7 @@ def _lm_loop(
         last_err = _error(residual_fn(x, ctx))
     it = done = failures = rejected_rounds = 0
     while it < num_iter:
-        r, J = jacobian(residual_fn, x, ctx)
+        r, J = jacobian_fn(x, ctx)
         Jt = J.transpose(1, 2)
         AtA = Jt @ J
         Atb = -(Jt @ r.unsqueeze(-1)).squeeze(-1)
@@ -203,7 +244,7 @@ def _lm_loop(
 
 
 def _solve_torch(
-    residual_fn: ResidualFn, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrajOptConfig
+    residual_fn: ResidualFn, jacobian_fn: JacobianFn, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrajOptConfig
 ) -> TrajOptResult:
     damping = torch.full((x0.shape[0],), cfg.damping, dtype=x0.dtype, device=x0.device)
     k = cfg.grad_iterations
@@ -212,10 +253,10 @@ def _solve_torch(
     if cfg.backward_mode != "unroll":
         with torch.no_grad():
             x, damping, iters, failures = _lm_loop(
-                residual_fn, x0.detach(), ctx, cfg, damping, cfg.max_iterations - k, gauss_newton_step=False
+                residual_fn, jacobian_fn, x0.detach(), ctx, cfg, damping, cfg.max_iterations - k, False
             )
     x, damping, more, f = _lm_loop(
-        residual_fn, x, ctx, cfg, damping, k, gauss_newton_step=cfg.backward_mode == "implicit"
+        residual_fn, jacobian_fn, x, ctx, cfg, damping, k, gauss_newton_step=cfg.backward_mode == "implicit"
     )
     return TrajOptResult(x, iters + more, failures + f)
 

@@ -49,6 +49,21 @@ def test_difftori_reaches_both_modes_and_residual_cannot():
     assert plus < 0.05 and minus < 0.05, (plus, minus)
 
 
+def test_difftori_closed_form_jacobian_matches_forward_mode():
+    from difftori.refiners.trajopt import jacobian
+
+    data = biased_data(8, seed=0)
+    refiner = make("difftori", data).double()
+    c = refiner.config
+    x = torch.randn(8, refiner.chunk_dim, dtype=torch.float64)
+    ctx = torch.randn(8, c.latent_dim + c.state_dim + refiner.chunk_dim, dtype=torch.float64)
+    r, J = refiner.residual_jacobian(x, ctx)
+    r_ref, J_ref = jacobian(refiner.residual, x, ctx)
+    torch.testing.assert_close(r, r_ref)
+    torch.testing.assert_close(J, J_ref)
+    assert J.shape == (8, c.objective_dim + refiner.chunk_dim, refiner.chunk_dim)  # with proximity rows
+
+
 @pytest.mark.parametrize("init", ["zero", "random"])
 def test_difftori_init_options(init, tmp_path):
     data = biased_data(64, seed=0)

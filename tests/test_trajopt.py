@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from difftori.refiners.trajopt import BACKWARD_MODES, TrajOptConfig, jacobian, solve
+from difftori.refiners.trajopt import BACKWARD_MODES, TrajOptConfig, jacobian, mlp_jacobian, solve
 
 torch.set_num_threads(1)
 
@@ -109,3 +109,35 @@ def test_cholesky_failure_is_handled_and_counted():
     assert torch.isfinite(out.x).all()
     out.x.sum().backward()
     assert torch.isfinite(ctx.grad).all()
+
+
+@pytest.mark.parametrize("act", [torch.nn.ELU, torch.nn.ReLU, torch.nn.Tanh])
+def test_closed_form_mlp_jacobian_matches_forward_mode(act):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(7, 16), act(), torch.nn.Linear(16, 16), act(), torch.nn.Linear(16, 5)
+    ).double()
+    inp = torch.randn(4, 7, dtype=torch.float64)
+    out, J = mlp_jacobian(net, inp, slice(3, None))
+    r, ref = jacobian(lambda a, c: net(torch.cat([c, a], -1)), inp[:, 3:], inp[:, :3])
+    torch.testing.assert_close(out, r)
+    torch.testing.assert_close(J, ref)
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_closed_form_jacobian_gives_the_same_solution_and_gradients(mode):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4 + 3, 32), torch.nn.ELU(), torch.nn.Linear(32, 6)).double()
+    x0 = torch.randn(6, 4, dtype=torch.float64)
+    ctx = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    cfg = TrajOptConfig(max_iterations=8, damping=0.1, backward_mode=mode, backward_iterations=3)
+    out = []
+    for closed_form in (False, True):
+        net.zero_grad()
+        ctx.grad = None
+        jac = (lambda a, c: mlp_jacobian(net, torch.cat([a, c], -1), slice(0, 4))) if closed_form else None
+        x = solve(lambda a, c: net(torch.cat([a, c], -1)), x0, ctx, cfg, jacobian_fn=jac).x
+        (x**2).sum().backward()
+        out.append([x.detach(), *[p.grad.clone() for p in net.parameters()], ctx.grad.clone()])
+    for a, b in zip(*out, strict=True):
+        torch.testing.assert_close(a, b)
