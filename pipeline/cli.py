@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from difftori.pipeline import paths
 
 log = logging.getLogger("difftori")
 
@@ -67,18 +70,27 @@ def _train_base(args: argparse.Namespace) -> None:
     from difftori.pipeline.training import TrainConfig
 
     params = load_params(args.params)
-    demos = args.demos or Path("data/demos") / f"{args.task}.zarr"
-    out = args.out or Path("models") / args.task / args.policy
-    checkpoint = args.checkpoint or section(params, "base_checkpoints", args.task).get(args.policy)
-    if checkpoint:
-        import_checkpoint(Path(checkpoint), out, args.policy, demos)
-        return
     overrides = {k: v for k, v in (("max_steps", args.max_steps), ("seed", args.seed)) if v is not None}
     cfg = config_from_dict(
         TrainConfig, section(params, "train_base") | overrides, f"{args.params}: train_base"
     )
+    demos = args.demos or paths.demos(args.task)
+    out = args.out or paths.base_model(args.task, args.policy, cfg.seed)
+    checkpoint = args.checkpoint or section(params, "base_checkpoints", args.task).get(args.policy)
+    if checkpoint:
+        import_checkpoint(Path(checkpoint), out, args.policy, demos)
+        if not args.out:  # the stage's logs output: the imported run's curves, if it has them
+            logs = args.logs or paths.train_logs(args.task, args.policy, cfg.seed)
+            shutil.rmtree(logs, ignore_errors=True)
+            curves = out / "dvclive" / "plots" / "metrics"
+            if curves.is_dir():
+                shutil.copytree(curves, logs)
+            else:
+                logs.mkdir(parents=True)
+        return
     policy_cfg = section(params, "policies", args.policy)
-    train_base(args.task, args.policy, demos, out, policy_cfg, cfg, progress=not args.no_progress)
+    logs = args.logs or (None if args.out else paths.train_logs(args.task, args.policy, cfg.seed))
+    train_base(args.task, args.policy, demos, out, policy_cfg, cfg, progress=not args.no_progress, logs=logs)
 
 
 def _add_train_base(sub: argparse._SubParsersAction) -> None:
@@ -86,7 +98,7 @@ def _add_train_base(sub: argparse._SubParsersAction) -> None:
         "train-base",
         help="train a base policy on a demo store (or import an existing checkpoint)",
         description="Train a base policy (dp3, diffusion, pointnet_bc) with Lightning on "
-        "data/demos/<task>.zarr and save a safetensors + JSON checkpoint to models/<task>/<policy>. "
+        "data/demos/<task>.zarr and save a safetensors + JSON checkpoint to models/<task>/<policy>/seed<k>. "
         "Training settings come from the params file: train_base (TrainConfig) and policies.<policy> "
         "(the policy's config). base_checkpoints.<task>.<policy> (or --checkpoint) names an existing "
         "checkpoint to use instead of training. An interrupted run resumes from <out>.work.",
@@ -96,10 +108,11 @@ def _add_train_base(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", required=True, help="registered base policy: dp3, diffusion, pointnet_bc")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
-    p.add_argument("--out", type=Path, help="checkpoint directory (default models/<task>/<policy>)")
+    p.add_argument("--out", type=Path, help="checkpoint directory (default models/<task>/<policy>/seed<k>)")
     p.add_argument("--checkpoint", type=Path, help="import this checkpoint instead of training")
+    p.add_argument("--logs", type=Path, help="training curves (default logs/<task>/<policy>/seed<k>)")
     p.add_argument("--max-steps", type=int, help="override train_base.max_steps")
-    p.add_argument("--seed", type=int, help="override train_base.seed")
+    p.add_argument("--seed", type=int, help="training seed k (default train_base.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_base)
 
@@ -110,11 +123,11 @@ def _init_actions(args: argparse.Namespace) -> None:
 
     cfg = section(load_params(args.params), "init_actions")
     compute_init_actions(
-        demos=args.demos or Path("data/demos") / f"{args.task}.zarr",
-        model=args.model or Path("models") / args.task / args.policy,
-        out=args.out or Path("data/inits") / args.task / f"{args.policy}.zarr",
+        demos=args.demos or paths.demos(args.task),
+        model=args.model or paths.base_model(args.task, args.policy, args.seed),
+        out=args.out or paths.init_actions(args.task, args.policy, args.seed),
         samples=args.samples or cfg.get("samples", 4),
-        seed=args.seed if args.seed is not None else cfg.get("seed", 0),
+        seed=cfg.get("seed", 0) + args.seed,
         batch_size=cfg.get("batch_size", 256),
         weights=args.weights or cfg.get("weights", "ema"),
     )
@@ -127,17 +140,17 @@ def _add_init_actions(sub: argparse._SubParsersAction) -> None:
         description="Run the frozen base policy (eval mode, no grad, EMA weights by default) over "
         "every step of the demo store and store K samples of its action window per step in a zarr "
         "aligned with the demos. Refiners train on these. Defaults come from the params file's "
-        "init_actions section.",
+        "init_actions section; the sampling seed is init_actions.seed + k.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
     p.add_argument("--policy", required=True, help="base policy name")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
-    p.add_argument("--model", type=Path, help="base checkpoint (default models/<task>/<policy>)")
-    p.add_argument("--out", type=Path, help="output (default data/inits/<task>/<policy>.zarr)")
+    p.add_argument("--seed", type=int, default=0, help="training seed k of the base policy")
+    p.add_argument("--model", type=Path, help="base checkpoint (default models/<task>/<policy>/seed<k>)")
+    p.add_argument("--out", type=Path, help="output (default data/inits/<task>/<policy>/seed<k>.zarr)")
     p.add_argument("--samples", type=int, help="samples per step (params init_actions.samples, else 4)")
-    p.add_argument("--seed", type=int, help="sampling seed (params init_actions.seed, else 0)")
     p.add_argument("--weights", choices=("ema", "raw"), help="which weights (default ema)")
     p.set_defaults(func=_init_actions)
 
@@ -156,12 +169,14 @@ def _train_refiner(args: argparse.Namespace) -> None:
     train_refiner(
         args.task,
         args.refiner,
-        demos=args.demos or Path("data/demos") / f"{args.task}.zarr",
-        inits_path=args.inits or Path("data/inits") / args.task / f"{args.policy}.zarr",
-        out=args.out or Path("models") / args.task / f"{args.policy}-{args.refiner}",
+        demos=args.demos or paths.demos(args.task),
+        inits_path=args.inits or paths.init_actions(args.task, args.policy, cfg.seed),
+        out=args.out or paths.refiner_model(args.task, args.policy, args.refiner, cfg.seed),
         refiner_config=section(params, "refiner_configs", args.refiner),
         cfg=cfg,
         progress=not args.no_progress,
+        logs=args.logs
+        or (None if args.out else paths.train_logs(args.task, f"{args.policy}-{args.refiner}", cfg.seed)),
     )
 
 
@@ -180,12 +195,93 @@ def _add_train_refiner(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refiner", required=True, help="registered refiner: difftori, residual, ibc")
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
-    p.add_argument("--inits", type=Path, help="init actions (default data/inits/<task>/<policy>.zarr)")
-    p.add_argument("--out", type=Path, help="checkpoint directory (default models/<task>/<policy>-<refiner>)")
+    p.add_argument(
+        "--inits", type=Path, help="init actions (default data/inits/<task>/<policy>/seed<k>.zarr)"
+    )
+    p.add_argument(
+        "--out", type=Path, help="checkpoint directory (default models/<task>/<policy>-<refiner>/seed<k>)"
+    )
+    p.add_argument(
+        "--logs", type=Path, help="training curves (default logs/<task>/<policy>-<refiner>/seed<k>)"
+    )
     p.add_argument("--max-steps", type=int, help="override train_refiner.max_steps")
-    p.add_argument("--seed", type=int, help="override train_refiner.seed")
+    p.add_argument("--seed", type=int, help="training seed k (default train_refiner.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_refiner)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.eval.evaluate import EvalConfig, evaluate
+    from difftori.pipeline.params import load_params, section
+
+    params = load_params(args.params)
+    overrides = {k: v for k, v in (("episodes", args.episodes), ("workers", args.workers)) if v is not None}
+    cfg = config_from_dict(EvalConfig, section(params, "evaluate") | overrides, f"{args.params}: evaluate")
+    refined = args.refiner != paths.NO_REFINER
+    evaluate(
+        demos=args.demos or paths.demos(args.task),
+        base=args.model or paths.base_model(args.task, args.policy, args.seed),
+        refiner=(args.refiner_model or paths.refiner_model(args.task, args.policy, args.refiner, args.seed))
+        if refined
+        else None,
+        seed=args.seed,
+        out=args.out or paths.eval_result(args.task, args.policy, args.refiner, args.seed),
+        cfg=cfg,
+        video_dir=args.videos or paths.eval_videos(args.task, args.policy, args.refiner, args.seed),
+        progress=not args.no_progress,
+        refiner_name=args.refiner,
+    )
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="roll out a base policy, alone or refined, in its simulator",
+        description="Roll out models/<task>/<policy>/seed<k> (refined by "
+        "models/<task>/<policy>-<refiner>/seed<k> unless --refiner none) for evaluate.episodes "
+        "episodes in evaluate.workers simulator processes, on env seeds drawn from evaluate.seed, and "
+        "write one record per episode plus a success-rate summary (Wilson 95% interval) to "
+        "results/evals/<task>/<policy>/<refiner>/seed<k>.json; mp4s of the first evaluate.videos "
+        "episodes go to results/videos/<task>/<policy>/<refiner>/seed<k>/.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
+    p.add_argument("--policy", required=True, help="base policy name")
+    p.add_argument("--refiner", default=paths.NO_REFINER, help="refiner name, or 'none' for the base alone")
+    p.add_argument("--seed", type=int, default=0, help="training seed k of the checkpoints")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    p.add_argument("--demos", type=Path, help="demo store the env settings come from")
+    p.add_argument("--model", type=Path, help="base checkpoint directory")
+    p.add_argument("--refiner-model", type=Path, help="refiner checkpoint directory")
+    p.add_argument("--out", type=Path, help="results file")
+    p.add_argument("--videos", type=Path, help="video directory")
+    p.add_argument("--episodes", type=int, help="override evaluate.episodes")
+    p.add_argument("--workers", type=int, help="override evaluate.workers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from difftori.eval.report import write_report
+
+    write_report(args.results, args.tables, args.plots, args.metrics)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="success/failure-rate tables, plots and metrics from the evaluation results",
+        description="Read every results/evals/**/seed*.json and write the comparison tables "
+        "(Markdown, CSV, LaTeX: rows = methods, columns = tasks + average, mean +- std over training "
+        "seeds, best in bold), per-task bar plots with Wilson intervals, and results/metrics.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--results", type=Path, default=Path("results/evals"), help="results folder")
+    p.add_argument("--tables", type=Path, default=Path("results/tables"), help="tables folder")
+    p.add_argument("--plots", type=Path, default=Path("results/plots"), help="plots folder")
+    p.add_argument("--metrics", type=Path, default=Path("results/metrics.json"), help="DVC metrics file")
+    p.set_defaults(func=_report)
 
 
 # Each entry adds one subcommand (one pipeline stage).
@@ -194,6 +290,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train_base,
     _add_init_actions,
     _add_train_refiner,
+    _add_evaluate,
+    _add_report,
 ]
 
 

@@ -35,6 +35,7 @@ def train_base(
     policy_config: dict[str, Any] | None,
     cfg: TrainConfig,
     progress: bool = True,
+    logs: Path | None = None,
 ) -> dict[str, Any]:
     """Train ``policy_name`` on ``demos`` and save it to ``out``; returns the training summary.
 
@@ -69,7 +70,7 @@ def train_base(
         "train_config": asdict(cfg),
         "summary": summary,
     }
-    save_trained(lit, work, out, info)
+    save_trained(lit, work, out, info, logs)
     log.info("saved %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
     return summary
 

@@ -41,15 +41,21 @@ def train_refiner(
     refiner_config: dict[str, Any] | None,
     cfg: TrainConfig,
     progress: bool = True,
+    logs: Path | None = None,
 ) -> dict[str, Any]:
-    """Train ``refiner_name`` and save it to ``out``; returns the training summary."""
+    """Train ``refiner_name`` and save it to ``out``; returns the training summary.
+
+    ``refiner_config["type"]`` names the registered refiner when ``refiner_name`` is a variant
+    (e.g. ``ibc_alone: {type: ibc, init: uniform}``); otherwise ``refiner_name`` is the type.
+    """
     store = EpisodeStore(demos)
     inits = InitActionStore(inits_path)
     inits.check_aligned(store)
     window = {"horizon": inits.meta.horizon, "n_obs_steps": inits.meta.n_obs_steps}
     config = dict(refiner_config or {}) | window | {"n_action_steps": inits.meta.n_action_steps}
+    kind = config.pop("type", refiner_name)
     L.seed_everything(cfg.seed, verbose=False)
-    refiner = REFINERS.make(refiner_name, config, ShapeMeta.from_store(store))
+    refiner = REFINERS.make(kind, config, ShapeMeta.from_store(store))
     train_eps, val_eps = base_split(inits, store.n_episodes, cfg)
     init_actions = inits.actions[:]
 
@@ -89,6 +95,6 @@ def train_refiner(
         "train_config": asdict(cfg),
         "summary": summary,
     }
-    save_trained(lit, work, out, info)
+    save_trained(lit, work, out, info, logs)
     log.info("saved %s: %s", out, json.dumps(summary["metrics"]))
     return summary

@@ -242,10 +242,16 @@ def fit(
     }
 
 
-def save_trained(lit: LitTrainer, work_dir: Path, out: Path, info: dict[str, Any]) -> None:
+def save_trained(
+    lit: LitTrainer, work_dir: Path, out: Path, info: dict[str, Any], logs: Path | None = None
+) -> None:
     """Write the trained module's checkpoint (raw + EMA weights), its dvclive metrics and
-    ``summary.json`` to ``out``; then drop the resume state in ``work_dir``."""
+    ``summary.json`` to ``out``, the training curves (dvclive's ``plots/`` TSVs) to ``logs`` (for
+    ``dvc plots``); then drop the resume state in ``work_dir``."""
     lit.module.save(out, ema_state=lit.ema_state_dict(), info=info)
     shutil.copytree(work_dir / "dvclive", out / "dvclive", dirs_exist_ok=True)
+    if logs is not None:
+        shutil.rmtree(logs, ignore_errors=True)
+        shutil.copytree(work_dir / "dvclive" / "plots" / "metrics", logs)
     (out / "summary.json").write_text(json.dumps(info["summary"], indent=2))
     shutil.rmtree(work_dir, ignore_errors=True)

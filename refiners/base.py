@@ -44,6 +44,11 @@ class RefinerConfig:
 class Refiner(ObsConditioned):
     kind = "refiner"
     config_cls: ClassVar[type[RefinerConfig]] = RefinerConfig
+    label: ClassVar[str] = ""  # the method's name in result tables
+
+    def method_label(self, base_label: str) -> str:
+        """Row label in result tables, e.g. ``Residual + DP3``."""
+        return f"{self.label} + {base_label}"
 
     def __init__(self, config: RefinerConfig, shape_meta: ShapeMeta) -> None:
         super().__init__(config, shape_meta, config.n_obs_steps)

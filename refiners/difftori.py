@@ -68,6 +68,12 @@ class DiffTORIConfig(RefinerConfig):
 @REFINERS.register
 class DiffTORIRefiner(Refiner):
     name = "difftori"
+    label = "DiffTORI"
+
+    def method_label(self, base_label: str) -> str:
+        init = "" if self.config.init == "base" else f" ({self.config.init} init)"
+        return f"DiffTORI{init} + {base_label}"
+
     config_cls = DiffTORIConfig
 
     def __init__(self, config: DiffTORIConfig, shape_meta: ShapeMeta) -> None:

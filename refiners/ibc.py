@@ -41,6 +41,11 @@ class IBCConfig(RefinerConfig):
 @REFINERS.register
 class IBCRefiner(Refiner):
     name = "ibc"
+    label = "IBC"
+
+    def method_label(self, base_label: str) -> str:
+        return "IBC" if self.config.init == "uniform" else f"IBC + {base_label}"
+
     config_cls = IBCConfig
 
     def __init__(self, config: IBCConfig, shape_meta: ShapeMeta) -> None:

@@ -22,6 +22,7 @@ class ResidualConfig(RefinerConfig):
 @REFINERS.register
 class ResidualRefiner(Refiner):
     name = "residual"
+    label = "Residual"
     config_cls = ResidualConfig
 
     def __init__(self, config: ResidualConfig, shape_meta: ShapeMeta) -> None:
