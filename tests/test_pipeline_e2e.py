@@ -20,7 +20,10 @@ TINY = {
     "seeds": [0],
     "demos": {"episodes": 2, "seed": 0, "max_episode_steps": 200, "n_points": 64, "zarr_format": 2},
     "base_policies": ["dp3"],
-    "policies": {"dp3": TINY_NET | {"encoder": TINY_ENCODER}},
+    "policies": {
+        "dp3": TINY_NET | {"encoder": TINY_ENCODER},
+        "diffusion": TINY_NET | {"encoder": TINY_ENCODER},
+    },
     "base_checkpoints": {},
     "train_base": {
         "max_steps": 4,
@@ -133,3 +136,14 @@ def test_dvc_repro_end_to_end(tmp_path):
     out = _run(["dvc", "status"], repo).splitlines()
     changed = [line.rstrip(":") for line in out if line and not line[0].isspace()]
     assert len(changed) == 1 and changed[0].startswith("train-refiner@") and "residual" in changed[0], out
+
+    # swapping the base policy is a params override; dvc exp show lists the experiment
+    (repo / "params.yaml").write_text(yaml.safe_dump(TINY))
+    _run(["dvc", "exp", "run", "-n", "swap", "-S", "base_policies=[diffusion]"], repo)
+    assert json.loads((repo / f"results/evals/{t}/diffusion/none/seed0.json").read_text())["method"] == (
+        "Diffusion Policy"
+    )
+    assert "swap" in _run(["dvc", "exp", "list", "--name-only"], repo).split()
+    shown = list(csv.DictReader(_run(["dvc", "exp", "show", "--csv"], repo).splitlines()))
+    swap = next(row for row in shown if row["Experiment"] == "swap")
+    assert "diffusion" in swap["base_policies"], swap
