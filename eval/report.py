@@ -98,12 +98,14 @@ def aggregate(results: list[tuple[Path, EvalResult]]) -> list[Table]:
     tables: dict[str, Table] = {}
     for (suite, method, task), rs in sorted(per_cell.items()):
         table = tables.setdefault(suite, Table(suite, METRIC_BY_SUITE.get(suite, "success")))
-        rates = []
-        for r in rs:
-            rate = r.summary()["success_rate"]
-            rates.append(100 * (rate if table.metric == "success" else 1 - rate))
-        successes = sum(r.summary()["successes"] for r in rs)
-        table.cells[(method, task)] = Cell(rates, successes, sum(r.summary()["n"] for r in rs))
+        summaries = [r.summary() for r in rs]
+        rates = [
+            100 * (s["success_rate"] if table.metric == "success" else 1 - s["success_rate"])
+            for s in summaries
+        ]
+        table.cells[(method, task)] = Cell(
+            rates, sum(s["successes"] for s in summaries), sum(s["n"] for s in summaries)
+        )
         if task not in table.tasks:
             table.tasks.append(task)
         if method not in table.methods:
@@ -119,9 +121,11 @@ def _fmt(cell: Cell | None, bold: bool, style: str) -> str:
         return "-"
     pm = " $\\pm$ " if style == "latex" else " ± "
     text = f"{cell.mean:.1f}" + (f"{pm}{cell.std:.1f}" if len(cell.rates) > 1 else "")
-    if bold:
-        return f"\\textbf{{{text}}}" if style == "latex" else f"**{text}**"
-    return text
+    return _bold(text, style) if bold else text
+
+
+def _bold(text: str, style: str) -> str:
+    return f"\\textbf{{{text}}}" if style == "latex" else f"**{text}**"
 
 
 def _rows(table: Table, style: str) -> list[list[str]]:
@@ -139,7 +143,7 @@ def _rows(table: Table, style: str) -> list[list[str]]:
         avg = table.average(m)
         text = "-" if avg is None else f"{avg:.1f}"
         if avg is not None and np.isclose(avg, best_avg):
-            text = f"\\textbf{{{text}}}" if style == "latex" else f"**{text}**"
+            text = _bold(text, style)
         row.append(text)
         rows.append(row)
     return rows

@@ -11,6 +11,7 @@ exactly that episode is retried once on a fresh worker; a second failure is reco
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import traceback
@@ -133,10 +134,8 @@ def run_in_workers(
                     assign(slot)
     finally:
         for slot in slots:
-            try:
+            with contextlib.suppress(OSError):  # a dead worker's pipe is already closed
                 slot.conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
         for slot in slots:
             slot.proc.join(timeout=10)
             if slot.proc.is_alive():

@@ -105,8 +105,13 @@ class DiffTORIRefiner(Refiner):
             if step + 1 < c.planning_horizon:
                 z = z + self.dynamics(inp)
         if c.proximity_weight > 0:
-            out.append(math.sqrt(c.proximity_weight) * (x - ctx[:, c.latent_dim + c.state_dim :]))
+            out.append(self._proximity(x, ctx))
         return torch.cat(out, dim=-1)
+
+    def _proximity(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """sqrt(proximity_weight) (x - x_init): the residual rows keeping x near its start."""
+        c = self.config
+        return math.sqrt(c.proximity_weight) * (x - ctx[:, c.latent_dim + c.state_dim :])
 
     def residual_jacobian(self, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``residual`` and its Jacobian (B, M, D) in closed form, for H = 1 (no dynamics to chain)."""
@@ -114,9 +119,9 @@ class DiffTORIRefiner(Refiner):
         inp = torch.cat([ctx[:, : c.latent_dim + c.state_dim], x], dim=-1)
         g, J = mlp_jacobian(self.objective, inp, slice(c.latent_dim + c.state_dim, None))
         if c.proximity_weight > 0:
-            w = math.sqrt(c.proximity_weight)
-            g = torch.cat([g, w * (x - ctx[:, c.latent_dim + c.state_dim :])], dim=-1)
-            eye = w * torch.eye(d, dtype=x.dtype, device=x.device).expand(x.shape[0], d, d)
+            g = torch.cat([g, self._proximity(x, ctx)], dim=-1)
+            eye = math.sqrt(c.proximity_weight) * torch.eye(d, dtype=x.dtype, device=x.device)
+            eye = eye.expand(x.shape[0], d, d)
             J = torch.cat([J, eye], dim=1)
         return g, J
 
