@@ -7,6 +7,11 @@
 * ``compute_loss(batch) -> scalar``: ``batch = {"obs": ..., "action": (B, H, Da)}`` in env units;
 * ``reset()`` before each episode.
 
+Sampling takes ``generator``: one ``torch.Generator`` for the whole batch, or a sequence of them, one
+per sample, so that a sample's draws do not depend on the other samples of its batch (evaluation
+steps several episodes as one batch; each episode has its own seeded generator). Every draw at
+inference goes through :func:`randn`, :func:`rand` or :func:`multinomial`, which implement both.
+
 The policy owns its :class:`~difftori.datasets.normalizer.Normalizer` (fitted before training,
 saved in its weights), so nothing outside a policy ever sees normalised values.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +36,60 @@ from torch import nn
 from torch.nn import functional as F
 
 Obs = dict[str, torch.Tensor]
+# One generator for the batch, one per sample (sample i draws from generator i alone), or None.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _per_sample(
+    draw: Callable[..., torch.Tensor], batch: int, generator: Generators, device: Any
+) -> torch.Tensor:
+    """``draw(b, generator, device)`` for the batch, or per sample with a list of generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        dev = generator.device if generator is not None else device
+        return draw(batch, generator, dev).to(device)
+    if len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+    return torch.cat([draw(1, g, g.device) for g in generator]).to(device)
+
+
+def randn(
+    batch: int,
+    *shape: int,
+    generator: Generators = None,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(batch, *shape) standard normal draws; with a list of generators, row i is exactly what
+    ``randn(1, *shape, generator=generator[i])`` draws (like diffusers' ``randn_tensor``)."""
+    return _per_sample(
+        lambda b, g, d: torch.randn((b, *shape), generator=g, device=d, dtype=dtype), batch, generator, device
+    )
+
+
+def rand(
+    batch: int,
+    *shape: int,
+    generator: Generators = None,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """(batch, *shape) uniform [0, 1) draws, per sample as :func:`randn`."""
+    return _per_sample(
+        lambda b, g, d: torch.rand((b, *shape), generator=g, device=d, dtype=dtype), batch, generator, device
+    )
+
+
+def multinomial(probs: torch.Tensor, n: int, generator: Generators = None) -> torch.Tensor:
+    """(B, n) indices drawn with replacement from each row of ``probs`` (B, K), per sample as
+    :func:`randn`."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, n, replacement=True, generator=generator)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for a batch of {probs.shape[0]}")
+    rows = [
+        torch.multinomial(probs[i : i + 1], n, replacement=True, generator=g) for i, g in enumerate(generator)
+    ]
+    return torch.cat(rows)
 
 
 @dataclass(frozen=True)
@@ -160,10 +220,10 @@ class BasePolicy(ObsConditioned, ABC):
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor: ...
 
     @abstractmethod
-    def predict_action_chunk(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action_chunk(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
         """(B, H, Da) actions in env units for the window around the current step."""
 
-    def predict_action(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
         """(B, Ta, Da) actions to execute from the current step on, in env units."""
         start = self.n_obs_steps - 1
         return self.predict_action_chunk(obs, generator)[:, start : start + self.n_action_steps]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from difftori.base_policies.base import BasePolicy, Obs, PolicyConfig, ShapeMeta
+from difftori.base_policies.base import BasePolicy, Generators, Obs, PolicyConfig, ShapeMeta, randn
 from difftori.base_policies.registry import register
 from difftori.base_policies.unet1d import ConditionalUnet1D
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -86,14 +86,16 @@ class DiffusionPolicy(BasePolicy):
         return F.mse_loss(pred, target)
 
     @torch.no_grad()
-    def predict_action_chunk(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action_chunk(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
         cond = self.encode_obs(obs)
-        shape = (cond.shape[0], self.horizon, self.shape_meta.action_dim)
-        x = torch.randn(shape, generator=generator, device=cond.device)
+        x = randn(
+            cond.shape[0], self.horizon, self.shape_meta.action_dim, generator=generator, device=cond.device
+        )
         sched = self.sample_scheduler
         sched.set_timesteps(self.config.num_inference_steps)
-        for t in sched.timesteps:
-            x = sched.step(self.model(x, t, cond), t, x, generator=generator).prev_sample
+        gen = generator if generator is None or isinstance(generator, torch.Generator) else list(generator)
+        for t in sched.timesteps:  # DDIM with eta = 0 draws nothing more; diffusers takes a list per sample
+            x = sched.step(self.model(x, t, cond), t, x, generator=gen).prev_sample
         return self.normalizer.unnormalize("action", x)
 
 

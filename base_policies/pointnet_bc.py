@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from difftori.base_policies.base import BasePolicy, Obs, PolicyConfig, ShapeMeta
+from difftori.base_policies.base import BasePolicy, Generators, Obs, PolicyConfig, ShapeMeta
 from difftori.base_policies.encoders import mlp
 from difftori.base_policies.registry import register
 from torch.nn import functional as F
@@ -39,5 +39,5 @@ class PointNetBC(BasePolicy):
         return F.mse_loss(self._forward(batch["obs"]), self.normalizer.normalize("action", batch["action"]))
 
     @torch.no_grad()
-    def predict_action_chunk(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action_chunk(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
         return self.normalizer.unnormalize("action", self._forward(obs))

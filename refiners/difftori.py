@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from difftori.base_policies.base import Obs, ShapeMeta
+from difftori.base_policies.base import Generators, Obs, ShapeMeta, randn
 from difftori.base_policies.encoders import mlp
 from difftori.datasets.episode_store import ACTION_KEY
 from difftori.refiners.base import REFINERS, Refiner, RefinerConfig
@@ -140,15 +140,13 @@ class DiffTORIRefiner(Refiner):
             cost = (self.residual(result.x, ctx) ** 2).sum(-1)
         return result.x[:, : self.chunk_dim], cost
 
-    def initial(self, init_action: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def initial(self, init_action: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """The starting window (B, D), normalised, per ``config.init``."""
         if self.config.init == "base":
             return self.to_flat(init_action)
         if self.config.init == "zero":
             return self.to_flat(torch.zeros_like(init_action))
-        return torch.randn(
-            init_action.shape[0], self.chunk_dim, generator=generator, device=init_action.device
-        )
+        return randn(init_action.shape[0], self.chunk_dim, generator=generator, device=init_action.device)
 
     # -- the contract ---------------------------------------------------------------------------
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -160,13 +158,11 @@ class DiffTORIRefiner(Refiner):
         kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(-1).mean()
         return F.mse_loss(refined, expert) + self.config.beta * kl
 
-    def refine(
-        self, obs: Obs, init_action: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        s = self.config.samples
+    def refine(self, obs: Obs, init_action: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+        s, b = self.config.samples, init_action.shape[0]
         z_s = self.encode_obs(obs).repeat_interleave(s, 0)
         init = self.initial(init_action, generator).repeat_interleave(s, 0)
-        z_lat = torch.randn(z_s.shape[0], self.config.latent_dim, generator=generator, device=z_s.device)
+        z_lat = randn(b, s, self.config.latent_dim, generator=generator, device=z_s.device).flatten(0, 1)
         with torch.no_grad():
             refined, cost = self.decode(z_lat, z_s, init)
         best = cost.view(-1, s).argmin(dim=1)

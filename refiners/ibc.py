@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from difftori.base_policies.base import Obs, ShapeMeta
+from difftori.base_policies.base import Generators, Obs, ShapeMeta, multinomial, rand, randn
 from difftori.base_policies.encoders import mlp
 from difftori.datasets.episode_store import ACTION_KEY
 from difftori.refiners.base import REFINERS, Refiner, RefinerConfig
@@ -70,24 +70,22 @@ class IBCRefiner(Refiner):
         return F.cross_entropy(logits, torch.zeros(b, dtype=torch.long, device=expert.device))
 
     @torch.no_grad()
-    def refine(
-        self, obs: Obs, init_action: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def refine(self, obs: Obs, init_action: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         c = self.config
         feats = self.encode_obs(obs)
         b, n, d = feats.shape[0], c.dfo_samples, self.chunk_dim
         dev = feats.device
         if c.init == "base":
-            noise = c.dfo_noise * torch.randn(b, n, d, generator=generator, device=dev)
+            noise = c.dfo_noise * randn(b, n, d, generator=generator, device=dev)
             samples = self.to_flat(init_action).unsqueeze(1) + noise
         else:
-            samples = torch.rand(b, n, d, generator=generator, device=dev) * 2 - 1
+            samples = rand(b, n, d, generator=generator, device=dev) * 2 - 1
         noise = c.dfo_noise if c.init == "base" else 0.33
         for _ in range(c.dfo_iterations):
             probs = F.softmax(-self.energy(feats, samples), dim=-1)
-            idx = torch.multinomial(probs, n, replacement=True, generator=generator)
+            idx = multinomial(probs, n, generator)
             samples = torch.gather(samples, 1, idx.unsqueeze(-1).expand(-1, -1, d))
-            samples = (samples + noise * torch.randn(b, n, d, generator=generator, device=dev)).clamp(-1, 1)
+            samples = (samples + noise * randn(b, n, d, generator=generator, device=dev)).clamp(-1, 1)
             noise *= c.dfo_shrink
         best = self.energy(feats, samples).argmin(dim=-1)
         return self.from_flat(samples[torch.arange(b, device=dev), best])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from difftori.base_policies.base import Obs, ShapeMeta
+from difftori.base_policies.base import Generators, Obs, ShapeMeta
 from difftori.base_policies.encoders import mlp
 from difftori.datasets.episode_store import ACTION_KEY
 from difftori.refiners.base import REFINERS, Refiner, RefinerConfig
@@ -40,7 +40,5 @@ class ResidualRefiner(Refiner):
         refined = self._refine_flat(batch["obs"], self.to_flat(self.pick_init(batch)))
         return F.mse_loss(refined, self.to_flat(batch[ACTION_KEY]))
 
-    def refine(
-        self, obs: Obs, init_action: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def refine(self, obs: Obs, init_action: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return self.from_flat(self._refine_flat(obs, self.to_flat(init_action)))
