@@ -40,6 +40,7 @@ class InitMeta:
     n_action_steps: int
     seed: int
     demos_episode_seeds: list[int] = field(default_factory=list)
+    folds: list[list[int]] = field(default_factory=list)  # cross-fitting: episodes of each fold base
     schema_version: int = SCHEMA_VERSION
 
 

@@ -118,18 +118,28 @@ def _add_train_base(sub: argparse._SubParsersAction) -> None:
 
 
 def _init_actions(args: argparse.Namespace) -> None:
-    from difftori.pipeline.init_actions import compute_init_actions
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.pipeline.init_actions import InitActionsConfig, init_actions_stage
     from difftori.pipeline.params import load_params, section
+    from difftori.pipeline.training import TrainConfig
 
-    cfg = section(load_params(args.params), "init_actions")
-    compute_init_actions(
+    params = load_params(args.params)
+    overrides = {k: v for k, v in (("samples", args.samples), ("weights", args.weights)) if v}
+    cfg = config_from_dict(
+        InitActionsConfig, section(params, "init_actions") | overrides, f"{args.params}: init_actions"
+    )
+    train_cfg = config_from_dict(
+        TrainConfig, section(params, "train_base") | {"seed": args.seed}, f"{args.params}: train_base"
+    )
+    init_actions_stage(
+        args.task,
         demos=args.demos or paths.demos(args.task),
         model=args.model or paths.base_model(args.task, args.policy, args.seed),
         out=args.out or paths.init_actions(args.task, args.policy, args.seed),
-        samples=args.samples or cfg.get("samples", 4),
-        seed=cfg.get("seed", 0) + args.seed,
-        batch_size=cfg.get("batch_size", 256),
-        weights=args.weights or cfg.get("weights", "ema"),
+        cfg=cfg,
+        seed=args.seed,
+        policy_config=section(params, "policies", args.policy),
+        train_cfg=train_cfg,
     )
 
 
@@ -140,7 +150,9 @@ def _add_init_actions(sub: argparse._SubParsersAction) -> None:
         description="Run the frozen base policy (eval mode, no grad, EMA weights by default) over "
         "every step of the demo store and store K samples of its action window per step in a zarr "
         "aligned with the demos. Refiners train on these. Defaults come from the params file's "
-        "init_actions section; the sampling seed is init_actions.seed + k.",
+        "init_actions section; the sampling seed is init_actions.seed + k. With "
+        "init_actions.cross_fit: k >= 2, k fold bases (train_base and policies.<policy> settings) "
+        "are trained, each without one fold of the training episodes, and produce that fold's windows.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", required=True, help="task name, e.g. shelf-place")

@@ -15,6 +15,7 @@ from difftori.base_policies import ShapeMeta, load_policy, make_policy
 from difftori.base_policies.checkpoint import CheckpointError
 from difftori.datasets.episode_store import EpisodeStore
 from difftori.datasets.windows import WindowDataset
+from difftori.pipeline.rollouts import RolloutCallback, RolloutConfig
 from difftori.pipeline.training import LitTrainer, TrainConfig, fit, save_trained
 
 log = logging.getLogger(__name__)
@@ -36,16 +37,18 @@ def train_base(
     cfg: TrainConfig,
     progress: bool = True,
     logs: Path | None = None,
+    split: tuple[list[int], list[int]] | None = None,
 ) -> dict[str, Any]:
     """Train ``policy_name`` on ``demos`` and save it to ``out``; returns the training summary.
 
+    ``split`` = (train, validation) episodes, default the seeded :func:`split_episodes`.
     Lightning state lives in ``<out>.work`` while training (an interrupted run resumes from it)
     and is removed once ``out`` is written.
     """
     store = EpisodeStore(demos)
     L.seed_everything(cfg.seed, verbose=False)  # before building: initial weights are seeded too
     policy = make_policy(policy_name, policy_config, ShapeMeta.from_store(store))
-    train_eps, val_eps = split_episodes(store.n_episodes, cfg.val_episodes, cfg.seed)
+    train_eps, val_eps = split or split_episodes(store.n_episodes, cfg.val_episodes, cfg.seed)
     windows = dict(obs_keys=policy.obs_keys, horizon=policy.horizon, n_obs_steps=policy.n_obs_steps)
     train = WindowDataset(store, episodes=train_eps, **windows)
     val = WindowDataset(store, episodes=val_eps, **windows) if val_eps else None
@@ -61,7 +64,10 @@ def train_base(
     )
     lit = LitTrainer(policy, cfg)
     work = out.with_name(out.name + ".work")
-    summary = fit(lit, train, val, work, progress=progress)
+    callbacks = rollout_callbacks(demos, cfg)
+    summary = fit(lit, train, val, work, progress=progress, callbacks=callbacks)
+    if callbacks:
+        summary["rollouts"] = callbacks[0].history
     summary |= {"train_episodes": train_eps, "val_episodes": val_eps}
     info = {
         "task": task,
@@ -73,6 +79,14 @@ def train_base(
     save_trained(lit, work, out, info, logs)
     log.info("saved %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
     return summary
+
+
+def rollout_callbacks(demos: Path, cfg: TrainConfig, wrap: Any = None) -> list[RolloutCallback]:
+    """The closed-loop rollout callback when ``cfg.rollout_every_steps`` asks for one."""
+    if not cfg.rollout_every_steps:
+        return []
+    rollout = RolloutConfig(cfg.rollout_every_steps, cfg.rollout_episodes, cfg.rollout_seed)
+    return [RolloutCallback(demos, rollout, wrap)]
 
 
 def import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path) -> None:

@@ -48,11 +48,17 @@ class TrainConfig:
     devices: Any = "auto"
     strategy: str = "auto"
     precision: str = "32-true"
+    # Closed-loop rollouts of the EMA policy during training (0: none), logged as rollout/*.
+    rollout_every_steps: int = 0
+    rollout_episodes: int = 10
+    rollout_seed: int = 7  # validation episode seeds; never the evaluation's (evaluate.seed)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "val_every_steps"):
+        for name in ("max_steps", "batch_size", "val_every_steps", "rollout_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rollout_every_steps < 0:
+            raise ValueError(f"rollout_every_steps must be >= 0, got {self.rollout_every_steps}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -173,10 +179,12 @@ def fit(
     val: torch.utils.data.Dataset | None,
     work_dir: Path,
     progress: bool = True,
+    callbacks: list[L.Callback] | None = None,
 ) -> dict[str, Any]:
     """Train ``lit`` to ``cfg.max_steps``, resuming from ``work_dir/last.ckpt`` if present.
 
     Returns a summary: steps, wall time, peak resident memory, last validation metrics.
+    ``callbacks`` are added to Lightning's (e.g. closed-loop rollouts).
     """
     from dvclive.lightning import DVCLiveLogger
 
@@ -216,7 +224,8 @@ def fit(
         callbacks=[
             ModelCheckpoint(
                 dirpath=work_dir / "ckpt", filename="last", every_n_epochs=1, enable_version_counter=False
-            )
+            ),
+            *(callbacks or []),
         ],
         check_val_every_n_epoch=None,
         val_check_interval=cfg.val_every_steps if val_loader else None,
