@@ -11,6 +11,12 @@ Observations per step:
 Actions are MetaWorld's 4-D ``[dx, dy, dz, grip]`` in [-1, 1]. An episode terminates at the first
 step whose ``info["success"]`` is set and is truncated after ``max_episode_steps``.
 Demo generation and evaluation both see the world through this class.
+
+Skipping work nobody reads (the same code computes every observation that is made, so the numbers
+are identical): ``keys`` limits the observation to the keys a policy reads (e.g. no point cloud for
+a state-only policy, no image for DP3), and ``observe = False`` makes ``step`` return an empty
+observation without rendering (``MultiStepWrapper(lazy=True)`` sets it for steps whose observation
+falls out of the policy's history window). Neither changes the simulation.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a display; before mujoco
 
+from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -80,6 +87,7 @@ class MetaWorldEnv(gym.Env):
         task: str,
         obs: MetaWorldObsConfig | None = None,
         max_episode_steps: int = 200,
+        keys: Sequence[str] | None = None,
     ) -> None:
         import metaworld
 
@@ -99,6 +107,7 @@ class MetaWorldEnv(gym.Env):
         self._depth: mujoco.Renderer | None = None
         self._rgb: mujoco.Renderer | None = None
         self._steps = 0
+        self.observe = True  # False: step() returns {} and renders nothing (see the module docstring)
 
         cfg = self.obs_config
         spaces = {
@@ -108,14 +117,20 @@ class MetaWorldEnv(gym.Env):
         }
         if cfg.image:
             spaces["image"] = gym.spaces.Box(0, 255, (3, cfg.image_size, cfg.image_size), np.uint8)
-        self.observation_space = gym.spaces.Dict(spaces)
+        unknown = sorted(set(keys or ()) - set(spaces))
+        if unknown:
+            raise ValueError(
+                f"{self.task}: unknown observation keys {unknown}; this env has {sorted(spaces)}"
+            )
+        self.keys = tuple(spaces) if keys is None else tuple(k for k in spaces if k in keys)
+        self.observation_space = gym.spaces.Dict({k: spaces[k] for k in self.keys})
         self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
 
     @property
     def obs_kinds(self) -> dict[str, str]:
         """Observation key -> kind, as the episode store records it."""
-        kinds = {"point_cloud": "point_cloud", "agent_pos": "lowdim", "state": "lowdim"}
-        return kinds | ({"image": "image"} if self.obs_config.image else {})
+        kinds = {"point_cloud": "point_cloud", "agent_pos": "lowdim", "state": "lowdim", "image": "image"}
+        return {k: kinds[k] for k in self.keys}
 
     # -- gymnasium API --------------------------------------------------------------------------
     def reset(
@@ -134,7 +149,8 @@ class MetaWorldEnv(gym.Env):
         self._steps += 1
         success = bool(info["success"])
         truncated = self._steps >= self.max_episode_steps and not success
-        return self._observe(state), float(reward), success, truncated, {**info, "success": success}
+        obs = self._observe(state) if self.observe else {}
+        return obs, float(reward), success, truncated, {**info, "success": success}
 
     def render(self) -> np.ndarray:
         """RGB frame (H, W, 3) from the observation camera, for videos."""
@@ -159,14 +175,13 @@ class MetaWorldEnv(gym.Env):
 
     # -- observation ----------------------------------------------------------------------------
     def _observe(self, state: np.ndarray) -> dict[str, np.ndarray]:
-        obs = {
-            "point_cloud": self.point_cloud(),
-            "agent_pos": state[:4].astype(np.float32),
-            "state": state.astype(np.float32),
+        make = {
+            "point_cloud": self.point_cloud,
+            "agent_pos": lambda: state[:4].astype(np.float32),
+            "state": lambda: state.astype(np.float32),
+            "image": self._render_rgb,
         }
-        if self.obs_config.image:
-            obs["image"] = self._render_rgb()
-        return obs
+        return {k: make[k]() for k in self.keys}
 
     def point_cloud(self) -> np.ndarray:
         """Render depth (metres) and turn it into the cropped, sampled world-frame cloud."""

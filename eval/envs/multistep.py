@@ -10,6 +10,15 @@
 * ``info["steps"]`` counts the env steps executed by this call;
 * with ``record_frames = True``, ``frames`` collects ``env.render()`` after reset and every step
   (for videos).
+
+``lazy=True`` (evaluation) skips observations no policy will see. Of a chunk of ``Ta`` actions only
+the observations after its last ``To`` steps stay in the history (after reset the history is the
+reset observation repeated, and each chunk starts from a history whose frames were all observed),
+so the first ``Ta - To`` steps of each chunk run with ``env.unwrapped.observe = False`` where the
+env has that switch (MetaWorld's renders nothing then). The observation returned after such a chunk
+is bit-identical to the eager one. A step that ends the episode (terminated or truncated, possibly
+mid-chunk) returns an empty observation ``{}`` in lazy mode: no policy acts on it, and its history
+may hold skipped frames.
 """
 
 from __future__ import annotations
@@ -24,11 +33,13 @@ import numpy as np
 class MultiStepWrapper(gym.Wrapper):
     """Stack the last ``n_obs_steps`` observations; execute a ``(Ta, Da)`` action chunk per step."""
 
-    def __init__(self, env: gym.Env, n_obs_steps: int) -> None:
+    def __init__(self, env: gym.Env, n_obs_steps: int, lazy: bool = False) -> None:
         super().__init__(env)
         if n_obs_steps < 1:
             raise ValueError(f"n_obs_steps must be >= 1, got {n_obs_steps}")
         self.n_obs_steps = n_obs_steps
+        self.lazy = lazy
+        self._can_skip = hasattr(env.unwrapped, "observe")
         self._history: deque[dict[str, np.ndarray]] = deque(maxlen=n_obs_steps)
         self.record_frames = False
         self.frames: list[np.ndarray] = []
@@ -57,17 +68,25 @@ class MultiStepWrapper(gym.Wrapper):
             raise ValueError(f"expected an action chunk (Ta, Da), got shape {actions.shape}")
         total, success, terminated, truncated, steps = 0.0, False, False, False, 0
         info: dict[str, Any] = {}
-        for action in actions:
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            self._history.append(obs)
-            if self.record_frames:
-                self.frames.append(self.env.render())
-            total += float(reward)
-            steps += 1
-            success = success or bool(info.get("success", False))
-            if terminated or truncated:
-                break
-        return self._stacked(), total, terminated, truncated, {**info, "success": success, "steps": steps}
+        skip = len(actions) - self.n_obs_steps if self.lazy and self._can_skip else 0
+        try:
+            for action in actions:
+                if skip > 0:
+                    self.env.unwrapped.observe = steps >= skip  # type: ignore[attr-defined]
+                obs, reward, terminated, truncated, info = self.env.step(action)
+                self._history.append(obs)
+                if self.record_frames:
+                    self.frames.append(self.env.render())
+                total += float(reward)
+                steps += 1
+                success = success or bool(info.get("success", False))
+                if terminated or truncated:
+                    break
+        finally:
+            if skip > 0:
+                self.env.unwrapped.observe = True  # type: ignore[attr-defined]
+        stacked = {} if self.lazy and (terminated or truncated) else self._stacked()
+        return stacked, total, terminated, truncated, {**info, "success": success, "steps": steps}
 
     def _stacked(self) -> dict[str, np.ndarray]:
         return {k: np.stack([o[k] for o in self._history]) for k in self._history[0]}
