@@ -8,9 +8,15 @@ Layout (``format: difftori-eval``, ``version: 1``)::
      "checkpoints": {"base": "...", "refiner": null},
      "config": {...},                       # the evaluation settings (EvalConfig)
      "episodes": [{"episode": 0, "env_seed": 123, "status": "ok", "success": true, "steps": 87,
-                   "return": 512.3, "wall_s": 3.1, "attempts": 1, "error": null}, ...],
+                   "return": 512.3, "wall_s": 3.1, "attempts": 1, "error": null,
+                   "action_shift_mean": 0.012, "action_shift_max": 0.05}, ...],
      "summary": {"n": 20, "successes": 9, "success_rate": 0.45, "wilson95": [0.26, 0.66],
-                 "errors": 0, "wall_s": 61.0}}
+                 "errors": 0, "wall_s": 61.0, "action_shift_mean": 0.011, "action_shift_max": 0.04}}
+
+``action_shift_mean``/``action_shift_max`` (optional, null for an unrefined policy and in files
+written before they existed): how far the refiner moved the executed actions from the base's, in
+env units: per control step the mean and the max of |refined - base| over the executed actions,
+averaged over the episode's control steps (and, in the summary, over the completed episodes).
 
 ``status`` is ``ok`` or ``error`` (the episode crashed twice); errored episodes are not counted in
 ``n``: a crash is never recorded as a failure. :class:`EvalResult` is the only code that reads or
@@ -55,6 +61,8 @@ class EpisodeRecord:
     wall_s: float = 0.0
     attempts: int = 1
     error: str | None = None
+    action_shift_mean: float | None = None  # refined policies only; see the module docstring
+    action_shift_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -96,6 +104,8 @@ class EvalResult:
             "wilson95": [lo, hi],
             "errors": len(self.episodes) - len(ok),
             "wall_s": round(sum(e.wall_s for e in self.episodes), 2),
+            "action_shift_mean": _mean([e.action_shift_mean for e in ok]),
+            "action_shift_max": _mean([e.action_shift_max for e in ok]),
         }
 
     # -- the file -------------------------------------------------------------------------------
@@ -149,6 +159,12 @@ class EvalResult:
             "config": d.get("config", {}),
         }
         return cls(**kwargs, episodes=episodes)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the values that are not None; None if there are none."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def _get(d: Any, key: str) -> Any:

@@ -8,9 +8,13 @@ A refiner improves a base policy's action window at test time:
   "init_action": (B, K, H, Da) K stored base samples}`` (from ``difftori init-actions``);
 * ``validation_metrics(batch)``: loss, MSE of refined and of initial windows to the expert.
 
+``generator`` is one generator or one per sample, as for base policies (draw through
+``difftori.base_policies.base.randn``/``rand``/``multinomial``).
+
 A refiner owns its normaliser and observation encoder (it does not share the base's weights).
 :class:`RefinedPolicy` wraps (base, refiner) behind the BasePolicy contract, so evaluation treats
-refined and plain policies alike.
+refined and plain policies alike; after each call it exposes ``last_action_shift``, how far the
+refiner moved the executed actions (evaluation records it without importing refiners).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from difftori.base_policies.base import BasePolicy, Obs, ObsConditioned, ShapeMeta
+from difftori.base_policies.base import BasePolicy, Generators, Obs, ObsConditioned, ShapeMeta
 from difftori.base_policies.encoders import EncoderConfig
 from difftori.base_policies.registry import Registry
 from difftori.datasets.episode_store import ACTION_KEY
@@ -39,6 +43,9 @@ class RefinerConfig:
     n_obs_steps: int = 2
     n_action_steps: int = 3
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    # Training only: Gaussian noise (std, normalised action units) added to the stored base window,
+    # so the refiner also learns from starts worse than the base's on its own training episodes.
+    init_noise: float = 0.0
 
 
 class Refiner(ObsConditioned):
@@ -71,21 +78,23 @@ class Refiner(ObsConditioned):
         shape = (*flat.shape[:-1], self.config.horizon, self.shape_meta.action_dim)
         return self.normalizer.unnormalize(ACTION_KEY, flat.reshape(shape))
 
-    @staticmethod
-    def pick_init(batch: dict[str, Any]) -> torch.Tensor:
-        """One of the K stored base samples per training item, at random (global RNG, seeded)."""
+    def pick_init(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One of the K stored base samples per training item, at random (global RNG, seeded),
+        plus ``config.init_noise`` Gaussian noise in normalised units when set."""
         init = batch["init_action"]
         k = torch.randint(0, init.shape[1], (init.shape[0],), device=init.device)
-        return init[torch.arange(init.shape[0], device=init.device), k]
+        init = init[torch.arange(init.shape[0], device=init.device), k]
+        if self.config.init_noise > 0:
+            flat = self.to_flat(init)
+            init = self.from_flat(flat + self.config.init_noise * torch.randn_like(flat))
+        return init
 
     # -- the contract ---------------------------------------------------------------------------
     @abstractmethod
     def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor: ...
 
     @abstractmethod
-    def refine(
-        self, obs: Obs, init_action: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
+    def refine(self, obs: Obs, init_action: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """(B, H, Da) refined window in env units."""
 
     def validation_metrics(self, batch: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -104,7 +113,13 @@ class Refiner(ObsConditioned):
 class RefinedPolicy(torch.nn.Module):
     """(base, refiner) behind the inference half of the BasePolicy contract (``predict_action``,
     ``predict_action_chunk``, ``reset``, window sizes), so evaluation treats refined and plain
-    policies alike. Train the two parts separately."""
+    policies alike. Train the two parts separately.
+
+    ``last_action_shift`` (None before the first call): ``{"mean": (B,), "max": (B,)}``, the mean and
+    the max absolute difference, in env units, between the base and the refined window over the
+    executed actions (window steps ``n_obs_steps - 1 ..``, ``n_action_steps`` of them) of the last
+    ``predict_action``/``predict_action_chunk`` call, per sample.
+    """
 
     def __init__(self, base: BasePolicy, refiner: Refiner) -> None:
         super().__init__()
@@ -121,12 +136,18 @@ class RefinedPolicy(torch.nn.Module):
             base.n_action_steps,
         )
         self.obs_keys = tuple(dict.fromkeys((*base.obs_keys, *refiner.obs_keys)))
+        self.last_action_shift: dict[str, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def predict_action_chunk(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.refiner.refine(obs, self.base.predict_action_chunk(obs, generator), generator)
+    def predict_action_chunk(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
+        init = self.base.predict_action_chunk(obs, generator)
+        refined = self.refiner.refine(obs, init, generator)
+        start = self.n_obs_steps - 1
+        shift = (refined - init)[:, start : start + self.n_action_steps].abs().flatten(1)
+        self.last_action_shift = {"mean": shift.mean(1), "max": shift.amax(1)}
+        return refined
 
-    def predict_action(self, obs: Obs, generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict_action(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
         start = self.n_obs_steps - 1
         return self.predict_action_chunk(obs, generator)[:, start : start + self.n_action_steps]
 
