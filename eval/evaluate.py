@@ -6,23 +6,30 @@ in :class:`~difftori.eval.envs.multistep.MultiStepWrapper` for the policy's obse
 action chunks. Episode seeds are drawn from ``EvalConfig.seed`` alone (never a demo seed), so every
 method and training seed is evaluated on the same initial states; the policy's sampling generator
 of an episode is seeded with the episode's env seed. Success = the task's success flag at any step.
+
+Each worker process holds ``envs_per_worker`` envs and steps them together (one policy call per
+control step, each episode with its own generator, so an episode does not depend on which others
+share its batch; a freed env takes the next episode). :func:`make_eval_env` and
+:func:`run_policy_episodes` run the same episodes in the calling process (e.g. during training).
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from difftori.base_policies import load_policy
-from difftori.datasets.episode_store import EpisodeStore
+from difftori.datasets.episode_store import EpisodeStore, StoreMeta
 from difftori.eval.envs import make_env
 from difftori.eval.envs.multistep import MultiStepWrapper
-from difftori.eval.results import EpisodeRecord, EvalResult
-from difftori.eval.workers import EpisodeFn, run_in_workers
+from difftori.eval.results import EvalResult
+from difftori.eval.rollout import PolicyEpisodeBatch, run_policy_episodes, write_video  # noqa: F401
+from difftori.eval.workers import plan, run_in_workers
 from difftori.refiners import REFINERS, RefinedPolicy
 
 log = logging.getLogger(__name__)
@@ -42,13 +49,16 @@ class EvalConfig:
     seed: int = 100  # the evaluation episode seeds are drawn from this
     max_episode_steps: int = 200  # MetaWorld's limit in DP3 and DiffTORI
     workers: int = 2  # simulator processes
+    envs_per_worker: int = 8  # envs per worker, stepped together (one policy call per control step)
     retries: int = 1  # a crashed episode is run once more, then recorded as an error
     videos: int = 0  # mp4 of the first k episodes
     weights: str = "ema"
     num_threads: int = 1  # torch threads per worker
+    lazy_obs: bool = True  # skip observations no policy sees (identical results; False: benchmarks)
 
     def __post_init__(self) -> None:
-        if self.episodes < 1 or self.workers < 1 or self.max_episode_steps < 1 or self.retries < 0:
+        counts = (self.episodes, self.workers, self.envs_per_worker, self.max_episode_steps)
+        if min(counts) < 1 or self.retries < 0:
             raise ValueError(f"invalid evaluation config {self}")
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
@@ -75,77 +85,50 @@ def load_eval_policy(base: Path, refiner: Path | None, weights: str = "ema") -> 
     return RefinedPolicy(policy, ref).eval(), ref.method_label(label)
 
 
+def make_eval_env(
+    meta: StoreMeta,
+    max_episode_steps: int,
+    n_obs_steps: int,
+    keys: Sequence[str] | None = None,
+    lazy: bool = True,
+) -> MultiStepWrapper:
+    """The evaluation env of a demo store: its suite, task and observation settings from the
+    store's metadata, the step limit, in a ``MultiStepWrapper`` with ``n_obs_steps`` frames.
+
+    ``keys`` limits the observation to what the policy reads (None: every key the store holds);
+    ``lazy`` skips the observations that fall out of the history window before the policy sees
+    them (identical observations, see ``MultiStepWrapper``).
+    """
+    options: dict[str, Any] = {"obs": meta.params["obs"]} if "obs" in meta.params else {}
+    if keys is not None:
+        options["keys"] = list(keys)
+    env = make_env(meta.suite, meta.task, **options, max_episode_steps=max_episode_steps)
+    return MultiStepWrapper(env, n_obs_steps, lazy=lazy)
+
+
 @dataclass(frozen=True)
 class PolicyEpisodes:
-    """Builds, inside a worker, the env and the policy, and returns the episode function."""
+    """Builds, inside a worker, the policy and ``envs`` envs, and returns their episode batch."""
 
-    suite: str
-    task: str
-    env_options: dict
+    meta: StoreMeta
     base: str
     refiner: str | None
     cfg: EvalConfig
+    envs: int = 1
     video_dir: str | None = None
 
-    def __call__(self) -> EpisodeFn:
+    def __call__(self) -> PolicyEpisodeBatch:
         torch.set_num_threads(self.cfg.num_threads)
         policy, _ = load_eval_policy(
             Path(self.base), Path(self.refiner) if self.refiner else None, self.cfg.weights
         )
-        env = make_env(
-            self.suite, self.task, **self.env_options, max_episode_steps=self.cfg.max_episode_steps
-        )
-        env = MultiStepWrapper(env, policy.n_obs_steps)
-
-        def run(episode: int, seed: int) -> EpisodeRecord:
-            video = self.video_dir is not None and episode < self.cfg.videos
-            record = run_policy_episode(env, policy, episode, seed, record_frames=video)
-            if video:
-                path = Path(self.video_dir) / f"episode{episode:03d}_seed{seed}.mp4"
-                try:
-                    write_video(path, env.frames)
-                except (OSError, RuntimeError, ValueError) as e:  # a video never costs the episode
-                    log.warning("%s: video not written: %s", path, e)
-            return record
-
-        return run
-
-
-@torch.no_grad()
-def run_policy_episode(
-    env: MultiStepWrapper, policy: torch.nn.Module, episode: int, seed: int, record_frames: bool = False
-) -> EpisodeRecord:
-    """One episode: reset with ``seed``, then predict and execute action chunks until it ends."""
-    start = time.perf_counter()
-    env.record_frames = record_frames
-    obs, _ = env.reset(seed=seed)
-    policy.reset()
-    gen = torch.Generator().manual_seed(seed)
-    keys = policy.obs_keys
-    success, ret, steps, done = False, 0.0, 0, False
-    while not done:
-        batch = {k: torch.from_numpy(obs[k][None]) for k in keys}
-        actions = policy.predict_action(batch, gen)[0].cpu().numpy()
-        obs, reward, terminated, truncated, info = env.step(actions)
-        ret += reward
-        steps += info["steps"]
-        success = success or info["success"]
-        done = terminated or truncated
-    return EpisodeRecord(
-        episode, seed, success=success, steps=steps, ret=ret, wall_s=time.perf_counter() - start
-    )
-
-
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
-    """Frames (H, W, 3) uint8 to an H.264 mp4 (imageio-ffmpeg), atomically."""
-    import imageio.v2 as imageio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.mp4")
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as writer:
-        for frame in frames:
-            writer.append_data(frame)
-    tmp.replace(path)
+        envs = [
+            make_eval_env(
+                self.meta, self.cfg.max_episode_steps, policy.n_obs_steps, policy.obs_keys, self.cfg.lazy_obs
+            )
+            for _ in range(self.envs)
+        ]
+        return PolicyEpisodeBatch(envs, policy, self.cfg.videos, self.video_dir)
 
 
 def evaluate(
@@ -174,21 +157,21 @@ def evaluate(
     refiner_name = refiner_name or (policy.refiner.name if is_refined else "none")
     del policy
     seeds = episode_seeds(cfg.seed, cfg.episodes, exclude=set(meta.episode_seeds))
-    env_options = {"obs": meta.params["obs"]} if "obs" in meta.params else {}
     if video_dir is not None:
         video_dir.mkdir(parents=True, exist_ok=True)
-    factory = PolicyEpisodes(
-        meta.suite,
+    workers, per_worker = plan(len(seeds), cfg.workers, cfg.envs_per_worker)
+    video = str(video_dir) if video_dir else None
+    factory = PolicyEpisodes(meta, str(base), str(refiner) if refiner else None, cfg, per_worker, video)
+    log.info(
+        "evaluating %s on %s: %d episodes, %d workers x %d envs",
+        method,
         meta.task,
-        env_options,
-        str(base),
-        str(refiner) if refiner else None,
-        cfg,
-        str(video_dir) if video_dir else None,
+        len(seeds),
+        workers,
+        per_worker,
     )
-    log.info("evaluating %s on %s: %d episodes, %d workers", method, meta.task, len(seeds), cfg.workers)
     records = run_in_workers(
-        factory, seeds, cfg.workers, cfg.retries, desc=f"{meta.task} {method}", progress=progress
+        factory, seeds, workers, cfg.retries, f"{meta.task} {method}", progress, per_worker
     )
     result = EvalResult(
         suite=meta.suite,
@@ -202,17 +185,16 @@ def evaluate(
         episodes=records,
     )
     result.write(out)
-    s = result.summary()
-    log.info(
-        "%s on %s: success %d/%d (%.1f%%, Wilson 95%% [%.1f, %.1f]), %d errors -> %s",
-        method,
-        meta.task,
-        s["successes"],
-        s["n"],
-        100 * s["success_rate"],
-        100 * s["wilson95"][0],
-        100 * s["wilson95"][1],
-        s["errors"],
-        out,
-    )
+    _log_result(result, out)
     return result
+
+
+def _log_result(result: EvalResult, out: Path) -> None:
+    s = result.summary()
+    lo, hi = s["wilson95"]
+    shift = "" if s["action_shift_mean"] is None else f", refiner shift {s['action_shift_mean']:.4f}"
+    log.info(
+        "%s on %s: success %d/%d (%.1f%%, Wilson 95%% [%.1f, %.1f]), %d errors%s -> %s",
+        *(result.method, result.task, s["successes"], s["n"], 100 * s["success_rate"]),
+        *(100 * lo, 100 * hi, s["errors"], shift, out),
+    )

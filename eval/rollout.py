@@ -1,13 +1,27 @@
-"""Running one episode of a policy (or scripted expert) in an env, optionally recording it."""
+"""Running episodes: one of a scripted expert (demos), or a batch of a policy's (evaluation).
+
+``run_episode`` steps one env action by action (and can record the episode); evaluation runs
+policies through :class:`PolicyEpisodeBatch`, several envs per policy call, in worker processes
+(``difftori.eval.workers``) or in this process (:func:`run_policy_episodes`).
+"""
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
+from difftori.eval.results import EpisodeRecord
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 Act = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -50,3 +64,134 @@ def run_episode(env: gym.Env, act: Act, seed: int, *, record: bool = False) -> E
         episode.actions = np.stack(actions)
     episode.wall_s = time.perf_counter() - start
     return episode
+
+
+@dataclass
+class _Running:
+    """An episode in progress in one env of a :class:`PolicyEpisodeBatch`."""
+
+    episode: int
+    seed: int
+    obs: dict[str, np.ndarray]
+    generator: torch.Generator
+    start: float
+    success: bool = False
+    steps: int = 0
+    ret: float = 0.0
+    shifts: list[tuple[float, float]] = field(default_factory=list)
+
+
+class PolicyEpisodeBatch:
+    """Several envs stepped together by one policy (the ``EpisodeBatch`` of evaluation workers).
+
+    ``start`` resets a free env with the episode's seed and seeds the episode's own sampling
+    generator with it; ``advance`` makes one ``predict_action`` call for every running episode
+    (a list of their generators, so each episode's actions do not depend on its batch-mates) and
+    executes each chunk in its env. A policy exposing ``last_action_shift`` (``RefinedPolicy``)
+    has it averaged into the records. ``policy.reset()`` runs at each episode start: policies with
+    per-episode state would need it per batch row (the registered ones have none).
+    The first ``videos`` episodes (by index) are saved as mp4 under ``video_dir``.
+    """
+
+    def __init__(
+        self, envs: list[Any], policy: Any, videos: int = 0, video_dir: str | Path | None = None
+    ) -> None:
+        if not envs:
+            raise ValueError("PolicyEpisodeBatch needs at least one env")
+        self.envs, self.policy = envs, policy
+        self.videos, self.video_dir = videos, Path(video_dir) if video_dir is not None else None
+        self._runs: list[_Running | None] = [None] * len(envs)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.envs)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self._runs)
+
+    def start(self, episode: int, seed: int) -> None:
+        i = self._runs.index(None)  # ValueError when every env is busy
+        env = self.envs[i]
+        env.record_frames = self.video_dir is not None and episode < self.videos
+        start = time.perf_counter()
+        obs, _ = env.reset(seed=seed)
+        self.policy.reset()
+        self._runs[i] = _Running(episode, seed, obs, torch.Generator().manual_seed(seed), start)
+
+    @torch.no_grad()
+    def advance(self) -> list[EpisodeRecord]:
+        idx = [i for i, r in enumerate(self._runs) if r is not None]
+        runs = [self._runs[i] for i in idx]
+        batch = {k: torch.from_numpy(np.stack([r.obs[k] for r in runs])) for k in self.policy.obs_keys}
+        actions = self.policy.predict_action(batch, [r.generator for r in runs]).cpu().numpy()
+        shift = getattr(self.policy, "last_action_shift", None)  # duck-typed: RefinedPolicy has it
+        shifts = torch.stack([shift["mean"], shift["max"]], 1).tolist() if shift is not None else None
+        finished = []
+        for j, i in enumerate(idx):
+            run = runs[j]
+            run.obs, reward, terminated, truncated, info = self.envs[i].step(actions[j])
+            run.ret += reward
+            run.steps += info["steps"]
+            run.success = run.success or info["success"]
+            if shifts is not None:
+                run.shifts.append(tuple(shifts[j]))
+            if terminated or truncated:
+                finished.append(self._finish(i))
+        return finished
+
+    def _finish(self, i: int) -> EpisodeRecord:
+        run, env = self._runs[i], self.envs[i]
+        self._runs[i] = None
+        shift = np.mean(run.shifts, axis=0).tolist() if run.shifts else [None, None]
+        record = EpisodeRecord(
+            run.episode,
+            run.seed,
+            success=run.success,
+            steps=run.steps,
+            ret=run.ret,
+            wall_s=time.perf_counter() - run.start,
+            action_shift_mean=shift[0],
+            action_shift_max=shift[1],
+        )
+        if env.record_frames:
+            path = self.video_dir / f"episode{run.episode:03d}_seed{run.seed}.mp4"
+            try:
+                write_video(path, env.frames)
+            except (OSError, RuntimeError, ValueError) as e:  # a video never costs the episode
+                log.warning("%s: video not written: %s", path, e)
+            env.frames = []
+        return record
+
+
+def run_policy_episodes(
+    envs: list[Any], policy: Any, jobs: list[tuple[int, int]], progress: bool = False
+) -> list[EpisodeRecord]:
+    """Roll ``policy`` out in this process for every job ``(episode index, env seed)``, stepping
+    the ``envs`` (``MultiStepWrapper``s, e.g. from ``make_eval_env``) together; a freed env takes
+    the next job. Records come back in the order of ``jobs``. The episodes and their records are
+    those of ``difftori evaluate`` for the same seeds (no worker processes, retries or videos);
+    the caller puts the policy in eval mode and on the device it wants.
+    """
+    batch, todo = PolicyEpisodeBatch(envs, policy), deque(jobs)
+    records: dict[int, EpisodeRecord] = {}
+    with tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
+        while todo or batch.running:
+            while todo and batch.running < batch.capacity:
+                batch.start(*todo.popleft())
+            for record in batch.advance():
+                records[record.episode] = record
+                bar.update(1)
+    return [records[episode] for episode, _ in jobs]
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 30) -> None:
+    """Frames (H, W, 3) uint8 to an H.264 mp4 (imageio-ffmpeg), atomically."""
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.mp4")
+    with imageio.get_writer(tmp, fps=fps, codec="libx264", macro_block_size=1) as writer:
+        for frame in frames:
+            writer.append_data(frame)
+    tmp.replace(path)

@@ -11,7 +11,7 @@ from difftori.eval.envs.multistep import MultiStepWrapper
 from difftori.eval.evaluate import episode_seeds
 from difftori.eval.report import aggregate, write_report
 from difftori.eval.results import EpisodeRecord, EvalResult, ResultsError, wilson_interval
-from difftori.eval.workers import run_in_workers
+from difftori.eval.workers import plan, run_in_workers
 from difftori.pipeline.cli import main
 from eval_helpers import FlakyEpisodes
 
@@ -73,19 +73,36 @@ def test_multistep_wrapper_history_and_chunks():
         env.step(np.zeros(1))
 
 
-def test_workers_retry_a_crash_once_and_record_repeated_failures(tmp_path):
+@pytest.mark.parametrize("per_worker", [1, 3])
+def test_workers_retry_a_crash_once_and_record_repeated_failures(tmp_path, per_worker):
+    """A crash fails every episode its worker held; each is retried once, alone, on a fresh worker."""
     seeds = [2, 3, 4, 5, 6, 7]
-    factory = FlakyEpisodes(str(tmp_path), crash_once=(4,), raise_always=(5,), die_always=(7,))
-    records = run_in_workers(factory, seeds, workers=2, retries=1, progress=False)
+    factory = FlakyEpisodes(
+        str(tmp_path), crash_once=(4,), raise_always=(5,), die_always=(7,), capacity=per_worker
+    )
+    records = run_in_workers(factory, seeds, workers=2, retries=1, progress=False, per_worker=per_worker)
     by_seed = {r.env_seed: r for r in records}
     assert [r.env_seed for r in records] == seeds  # in seed order
     assert by_seed[4].status == "ok" and by_seed[4].attempts == 2 and by_seed[4].success
     assert by_seed[5].status == "error" and by_seed[5].attempts == 2 and "cursed" in by_seed[5].error
     assert by_seed[7].status == "error" and "exit code 4" in by_seed[7].error
     assert [by_seed[s].success for s in (2, 3, 6)] == [True, False, True]
+    assert all(by_seed[s].status == "ok" for s in (2, 3, 6))  # batch-mates of a crash are not lost
+    # batch-mates of a crash count its attempt: with 3 per worker, seeds 2-4 and 5-7 shared workers
+    assert [by_seed[s].attempts for s in (2, 3, 6)] == ([1, 1, 1] if per_worker == 1 else [2, 2, 2])
     result = EvalResult("metaworld", "t", "dp3", "none", 0, "DP3", episodes=records)
     s = result.summary()
     assert (s["n"], s["successes"], s["errors"]) == (4, 3, 2)  # errors are not failures
+
+
+def test_workers_refill_their_envs_and_keep_seed_order(tmp_path):
+    seeds = list(range(10, 23))  # episodes last 1-3 control steps, so they finish out of order
+    records = run_in_workers(
+        FlakyEpisodes(str(tmp_path), capacity=4), seeds, workers=2, per_worker=4, progress=False
+    )
+    assert [r.env_seed for r in records] == seeds and [r.episode for r in records] == list(range(13))
+    assert all(r.status == "ok" and r.attempts == 1 for r in records)
+    assert plan(13, 2, 4) == (2, 4) and plan(8, 2, 8) == (2, 4) and plan(3, 4, 8) == (3, 1)
 
 
 def _result(suite, task, method, refiner, seed, successes, n=10):
