@@ -58,7 +58,7 @@ class EpisodeRecord:
     success: bool = False
     steps: int = 0
     ret: float = 0.0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # reset to end; episodes stepped together share these seconds
     attempts: int = 1
     error: str | None = None
     action_shift_mean: float | None = None  # refined policies only; see the module docstring

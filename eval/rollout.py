@@ -99,6 +99,7 @@ class PolicyEpisodeBatch:
         if not envs:
             raise ValueError("PolicyEpisodeBatch needs at least one env")
         self.envs, self.policy = envs, policy
+        self.device = next(iter(policy.parameters()), torch.empty(0)).device  # observations go there
         self.videos, self.video_dir = videos, Path(video_dir) if video_dir is not None else None
         self._runs: list[_Running | None] = [None] * len(envs)
 
@@ -123,7 +124,10 @@ class PolicyEpisodeBatch:
     def advance(self) -> list[EpisodeRecord]:
         idx = [i for i, r in enumerate(self._runs) if r is not None]
         runs = [self._runs[i] for i in idx]
-        batch = {k: torch.from_numpy(np.stack([r.obs[k] for r in runs])) for k in self.policy.obs_keys}
+        batch = {
+            k: torch.from_numpy(np.stack([r.obs[k] for r in runs])).to(self.device)
+            for k in self.policy.obs_keys
+        }
         actions = self.policy.predict_action(batch, [r.generator for r in runs]).cpu().numpy()
         shift = getattr(self.policy, "last_action_shift", None)  # duck-typed: RefinedPolicy has it
         shifts = torch.stack([shift["mean"], shift["max"]], 1).tolist() if shift is not None else None
@@ -171,7 +175,8 @@ def run_policy_episodes(
     the ``envs`` (``MultiStepWrapper``s, e.g. from ``make_eval_env``) together; a freed env takes
     the next job. Records come back in the order of ``jobs``. The episodes and their records are
     those of ``difftori evaluate`` for the same seeds (no worker processes, retries or videos);
-    the caller puts the policy in eval mode and on the device it wants.
+    the caller puts the policy in eval mode and on its device (observations are moved there; the
+    per-episode generators stay on the CPU, as in evaluation).
     """
     batch, todo = PolicyEpisodeBatch(envs, policy), deque(jobs)
     records: dict[int, EpisodeRecord] = {}

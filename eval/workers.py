@@ -60,7 +60,8 @@ def _worker(factory: EpisodeFactory, conn: Connection) -> None:
                 job = conn.recv()
                 if job is None:
                     return
-                batch = batch or factory()
+                if batch is None:
+                    batch = factory()
                 batch.start(*job)
             for record in batch.advance():
                 conn.send(("done", record))
@@ -82,13 +83,8 @@ class _Pool:
     def __init__(
         self, factory: EpisodeFactory, seeds: list[int], per_worker: int, retries: int, bar: tqdm
     ) -> None:
-        self.factory, self.seeds, self.per_worker, self.retries, self.bar = (
-            factory,
-            seeds,
-            per_worker,
-            retries,
-            bar,
-        )
+        self.factory, self.seeds, self.bar = factory, seeds, bar
+        self.per_worker, self.retries = per_worker, retries
         self.ctx = mp.get_context("spawn")
         self.todo: deque[int] = deque(range(len(seeds)))
         self.retry: deque[int] = deque()  # failed once: each runs alone on a worker
