@@ -3,8 +3,9 @@
 Every ``every_steps`` optimiser steps (and at the last step) the callback copies the EMA weights
 into the module, runs ``episodes`` episodes of the in-memory policy in the demos' own env (built
 from the demo store's metadata, exactly as ``difftori evaluate`` builds it) and logs
-``rollout/success_rate`` and ``rollout/fit_time_s`` (training wall time so far, rollouts
-excluded) at that step, so ``dvc plots show`` draws success against steps and time.
+``rollout/success_rate``, ``rollout/return`` (mean episode return) and ``rollout/fit_time_s``
+(training wall time so far, rollouts excluded) at that step, so ``dvc plots show`` draws success
+against steps and time.
 
 The episode seeds are *validation* seeds: drawn from ``seed`` with the demo seeds excluded, and
 from a different stream than ``evaluate.seed``'s, so choosing a budget or a task from these
@@ -73,9 +74,13 @@ class RolloutCallback(L.Callback):
             return
         started = time.perf_counter()
         train_time = started - self._start - self._rollout_s
-        rate = self.success_rate(pl_module)
+        rate, ret = self.rollout(pl_module)
         self._rollout_s += time.perf_counter() - started
-        row = {"rollout/success_rate": rate, "rollout/fit_time_s": round(train_time, 1)}
+        row = {
+            "rollout/success_rate": rate,
+            "rollout/return": ret,
+            "rollout/fit_time_s": round(train_time, 1),
+        }
         self.history.append({"step": step, **row})
         if trainer.logger is not None:
             trainer.logger.log_metrics(row, step=step)
@@ -87,8 +92,9 @@ class RolloutCallback(L.Callback):
         self._envs = []
 
     @torch.no_grad()
-    def success_rate(self, pl_module: L.LightningModule) -> float:
-        """Success rate of the (wrapped) module with its EMA weights over the validation seeds."""
+    def rollout(self, pl_module: L.LightningModule) -> tuple[float, float]:
+        """Success rate and mean return of the (wrapped) module with its EMA weights over the
+        validation seeds."""
         from difftori.eval.evaluate import make_eval_env, run_policy_episodes
 
         module, ema = pl_module.module, getattr(pl_module, "ema", None)
@@ -96,7 +102,8 @@ class RolloutCallback(L.Callback):
         if not self._envs:
             n = min(self.cfg.envs, len(self.seeds))
             self._envs = [
-                make_eval_env(self.meta, self.max_episode_steps, policy.n_obs_steps) for _ in range(n)
+                make_eval_env(self.meta, self.max_episode_steps, policy.n_obs_steps, policy.obs_keys)
+                for _ in range(n)
             ]
         if ema is not None:
             ema.store(module.parameters())
@@ -113,5 +120,6 @@ class RolloutCallback(L.Callback):
             module.train(was_training)
             if ema is not None:
                 ema.restore(module.parameters())
-        done = [r for r in records if r.status == "done"]
-        return sum(r.success for r in done) / max(1, len(done))
+        done = [r for r in records if r.status == "ok"]
+        n = max(1, len(done))
+        return sum(r.success for r in done) / n, sum(r.ret for r in done) / n

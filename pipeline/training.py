@@ -102,7 +102,10 @@ class LitTrainer(L.LightningModule):
             self.log("train/cholesky_failures", float(self.module.cholesky_failures), batch_size=1)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimiser step at once, so callbacks at the batch's end (rollouts)
+        # already see the step's EMA (Lightning runs callbacks' on_train_batch_end first).
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
             self.ema.step(self.module.parameters())
 
