@@ -45,8 +45,9 @@ class Registry(dict[str, type[ObsConditioned]]):
     def load(self, path: str | os.PathLike[str], weights: str = "ema") -> Any:
         """Rebuild a saved module from its directory, without any training code, in eval mode.
 
-        ``weights="ema"`` loads the EMA weights when the checkpoint has them (else the raw ones);
-        the module's ``weights`` attribute says which were loaded.
+        Every weights file is checked against the hashes in ``config.json`` first.
+        ``weights="ema"`` loads the EMA weights; the raw ones only when ``config.json`` records
+        that no EMA was kept (a missing EMA file is an error). ``module.weights`` says which.
         """
         path = Path(path)
         ckpt = read_checkpoint(path, kind=self.kind)
@@ -56,7 +57,7 @@ class Registry(dict[str, type[ObsConditioned]]):
             module = cls(config, ShapeMeta.from_dict(ckpt.shape_meta))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-        state, which = read_weights(path, weights)
+        state, which = read_weights(path, weights, ckpt)
         load_state_strict(module, state, path)
         module.weights = which
         module.info = ckpt.info

@@ -13,14 +13,22 @@ default because zarr-python 2 (used by diffusion_policy and DP3) cannot open for
 
 Writes are atomic: an :class:`EpisodeWriter` fills ``<store>.partial`` and renames it on
 :meth:`EpisodeWriter.commit`. Bad data discards the partial store; any other interruption keeps it
-so that a rerun with ``resume=True`` continues where it stopped.
+so that a rerun with ``resume=True`` continues where it stopped. A writer holds ``<store>.lock``
+(one writer per store) and records a sha256 of every array in the metadata (``checksums``);
+opening checks that every chunk file exists, :meth:`EpisodeStore.verify` checks the checksums.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
+import json
 import logging
+import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,7 @@ from typing import Any
 import numcodecs
 import numpy as np
 import zarr
+from difftori.datasets.safeio import OutputLock, array_sha256, naming_path, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ class StoreMeta:
     params: dict[str, Any] = field(default_factory=dict)  # the parameters that produced the store
     episode_seeds: list[int] = field(default_factory=list)  # one per kept episode
     n_attempts: int = 0  # episodes tried, kept or not
+    checksums: dict[str, str] = field(default_factory=dict)  # array path -> sha256, set on commit
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -128,7 +138,9 @@ class EpisodeStore:
 
     Opening checks everything a consumer relies on and raises :class:`StoreError` naming the
     path and key: missing ``meta/episode_ends``, empty store, unknown schema version, arrays
-    whose length differs from the last episode end, NaN/inf in actions or observations.
+    whose length differs from the last episode end, a missing chunk file, a number of recorded
+    episode seeds other than the number of episodes, NaN/inf in actions or observations.
+    :meth:`verify` also checks every array against the checksums recorded at write time.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, check_values: bool = True) -> None:
@@ -156,6 +168,38 @@ class EpisodeStore:
     @property
     def zarr_format(self) -> int:
         return int(self._root.metadata.zarr_format)
+
+    def verify(self) -> str:
+        """Check every array against the checksums recorded when the store was written.
+
+        Returns a digest of the whole content (for resume and provenance checks); raises
+        :class:`StoreError` naming the array on a mismatch or when no checksums were recorded.
+        """
+        where = f".zattrs/{ATTRS_KEY}/checksums"
+        if not self.meta.checksums:
+            raise _err(
+                self.path,
+                where,
+                "none recorded (written before difftori recorded them), so the content cannot be "
+                "verified; regenerate the store (difftori demos ... --overwrite)",
+            )
+        names = _array_names(self._root)
+        if set(self.meta.checksums) != set(names):
+            raise _err(self.path, where, f"records {sorted(self.meta.checksums)}, the store holds {names}")
+        for name in names:
+            try:
+                got = array_sha256(self._root[name])
+            except Exception as e:  # a corrupt chunk fails to decompress in zarr/numcodecs
+                raise _err(self.path, name, f"unreadable ({type(e).__name__}: {e}); regenerate it") from None
+            if got != self.meta.checksums[name]:
+                raise _err(
+                    self.path,
+                    name,
+                    f"checksum mismatch: the data hashes to {got[:19]}..., the store recorded "
+                    f"{self.meta.checksums[name][:19]}... when written (corrupt or modified); regenerate it",
+                )
+        digest = hashlib.sha256(json.dumps(self.meta.checksums, sort_keys=True).encode())
+        return "sha256:" + digest.hexdigest()
 
     def array(self, key: str) -> zarr.Array:
         """The raw, lazily read ``data/<key>`` array (all episodes concatenated)."""
@@ -194,9 +238,33 @@ class EpisodeStore:
         zarr_format: int = 2,
         overwrite: bool = False,
         resume: bool = False,
+        wait: bool = False,
     ) -> EpisodeWriter:
-        """Start writing a store at ``path`` (atomically: see :class:`EpisodeWriter`)."""
-        return EpisodeWriter(path, meta, zarr_format=zarr_format, overwrite=overwrite, resume=resume)
+        """Start writing a store at ``path`` (atomic, one writer at a time: see :class:`EpisodeWriter`)."""
+        return EpisodeWriter(
+            path, meta, zarr_format=zarr_format, overwrite=overwrite, resume=resume, wait=wait
+        )
+
+
+def _array_names(root: zarr.Group) -> list[str]:
+    """Every array of a store: ``meta/episode_ends`` and ``data/<key>``."""
+    return [EPISODE_ENDS, *(f"data/{k}" for k in sorted(root["data"].array_keys()))]
+
+
+def _check_chunks(path: Path, root: zarr.Group) -> None:
+    """Every chunk of every array must be a file: zarr would read a missing one as zeros."""
+    for name in _array_names(root):
+        arr = root[name]
+        grid = [range(math.ceil(n / c)) for n, c in zip(arr.shape, arr.chunks, strict=True)]
+        for coords in itertools.product(*grid):
+            key = arr.metadata.encode_chunk_key(coords)
+            if not (path / name / key).is_file():
+                raise _err(
+                    path,
+                    name,
+                    f"chunk file {key} is missing (deleted or never written), so its steps would read "
+                    "as zeros; regenerate the store",
+                )
 
 
 def _open_validated(path: Path, check_values: bool) -> tuple[zarr.Group, StoreMeta, np.ndarray]:
@@ -217,6 +285,12 @@ def _open_validated(path: Path, check_values: bool) -> tuple[zarr.Group, StoreMe
         raise _err(path, EPISODE_ENDS, "empty store: 0 episodes")
     if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
         raise _err(path, EPISODE_ENDS, "episode ends must be positive and strictly increasing")
+    if len(meta.episode_seeds) != len(ends):
+        raise _err(
+            path,
+            f".zattrs/{ATTRS_KEY}/episode_seeds",
+            f"{len(meta.episode_seeds)} seeds recorded for {len(ends)} episodes in {EPISODE_ENDS}",
+        )
     if "data" not in root or ACTION_KEY not in root["data"]:
         raise _err(path, f"data/{ACTION_KEY}", "missing: the store has no actions")
     data_keys = set(root["data"].array_keys())
@@ -226,6 +300,7 @@ def _open_validated(path: Path, check_values: bool) -> tuple[zarr.Group, StoreMe
             f".zattrs/{ATTRS_KEY}/obs_kinds",
             f"lists {sorted(meta.obs_kinds)} but data/ holds {sorted(data_keys - {ACTION_KEY})}",
         )
+    _check_chunks(path, root)
     for key in sorted(data_keys):
         arr = root["data"][key]
         if arr.shape[0] != ends[-1]:
@@ -250,7 +325,10 @@ class EpisodeWriter:
 
     Use as a context manager: leaving the block normally commits; a :class:`StoreError` (bad data)
     deletes the partial store; any other exception (Ctrl-C, a crash) keeps it, and a writer created
-    with ``resume=True`` continues from its complete episodes.
+    with ``resume=True`` continues from its complete episodes. The writer holds ``<path>.lock``
+    from creation to commit or discard: a second writer raises ``LockedError`` (or, with
+    ``wait=True``, waits). Every chunk is written, even all-zero ones, so a missing chunk file is
+    always an error.
     """
 
     def __init__(
@@ -261,27 +339,54 @@ class EpisodeWriter:
         zarr_format: int = 2,
         overwrite: bool = False,
         resume: bool = False,
+        wait: bool = False,
     ) -> None:
         if zarr_format not in (2, 3):
             raise StoreError(f"{path}: zarr_format must be 2 or 3, got {zarr_format}")
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        if self.path.exists() and not overwrite:
-            raise StoreError(f"{self.path}: /: already exists (pass overwrite to replace it)")
-        self.zarr_format = zarr_format
-        self.meta = meta
-        self._committed = False
-        if resume and self.partial.exists() and self._resume():
+        self._lock = OutputLock(self.path, wait).acquire()
+        try:
+            self.check_target(self.path, overwrite)
+            self.zarr_format = zarr_format
+            self.meta = meta
+            self._committed = False
+            with self._writing():
+                if resume and self.partial.exists() and self._resume():
+                    return
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
+            with self._writing():
+                self._root = zarr.open_group(str(self.partial), mode="w", zarr_format=zarr_format)
+                self._root.create_group("data")
+                compressors = _compressor(zarr_format)
+                self._root.create_array(
+                    EPISODE_ENDS, shape=(0,), chunks=(4096,), dtype="int64", compressors=compressors
+                )
+                self._flush_meta()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    @staticmethod
+    def check_target(path: Path, overwrite: bool) -> None:
+        """Refuse an existing output unless ``overwrite``, and never replace a non-store file."""
+        if not path.exists():
             return
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        self._root = zarr.open_group(str(self.partial), mode="w", zarr_format=zarr_format)
-        self._root.create_group("data")
-        self._root.create_array(
-            EPISODE_ENDS, shape=(0,), chunks=(4096,), dtype="int64", compressors=_compressor(zarr_format)
-        )
-        self._flush_meta()
+        if not overwrite:
+            raise StoreError(f"{path}: /: already exists (pass overwrite to replace it)")
+        if not path.is_dir():
+            raise StoreError(
+                f"{path}: /: exists and is a file, not a store; overwrite replaces stores only "
+                "(remove the file yourself)"
+            )
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Zarr writes that store every chunk, and OS errors (a full disk) that name the store."""
+        with naming_path(self.partial), zarr.config.set({"array.write_empty_chunks": True}):
+            yield
 
     # -- state ----------------------------------------------------------------------------------
     @property
@@ -353,10 +458,15 @@ class EpisodeWriter:
                 f"action {steps[ACTION_KEY][t].tolist()} at step {self.n_steps + t} is outside the "
                 f"store's bounds [{self.meta.action_low}, {self.meta.action_high}]",
             )
+        for key, value in steps.items():
+            _check_finite(self.partial, key, np.asarray(value), offset=self.n_steps)
+        with self._writing():
+            self._append(steps, lengths[ACTION_KEY], seed)
+
+    def _append(self, steps: dict[str, np.ndarray], length: int, seed: int) -> None:
         data = self._root["data"]
         for key, value in steps.items():
             value = np.asarray(value)
-            _check_finite(self.partial, key, value, offset=self.n_steps)
             if key not in data:
                 data.create_array(
                     key,
@@ -376,7 +486,7 @@ class EpisodeWriter:
         # on resume by truncating the arrays to the last recorded episode end.
         for key, value in steps.items():
             data[key].append(np.asarray(value), axis=0)
-        self._root[EPISODE_ENDS].append(np.array([self.n_steps + lengths[ACTION_KEY]]), axis=0)
+        self._root[EPISODE_ENDS].append(np.array([self.n_steps + length]), axis=0)
         self.meta.episode_seeds.append(int(seed))
         self.meta.n_attempts += 1
         self._flush_meta()
@@ -384,26 +494,32 @@ class EpisodeWriter:
     def skip_episode(self, seed: int) -> None:
         """Record an attempt whose episode is not kept (e.g. the expert failed)."""
         self.meta.n_attempts += 1
-        self._flush_meta()
+        with self._writing():
+            self._flush_meta()
 
     # -- finishing ------------------------------------------------------------------------------
     def commit(self) -> EpisodeStore:
-        """Validate the partial store and move it to its final path (replacing any old one)."""
+        """Record the checksums, validate the partial store and move it to its final path
+        (replacing any old one); releases the lock."""
+        with self._writing():
+            self.meta.checksums = {name: array_sha256(self._root[name]) for name in _array_names(self._root)}
+            self._flush_meta()
         EpisodeStore(self.partial, check_values=False)  # structure; values were checked on append
         old = self.path.with_name(self.path.name + f".old-{os.getpid()}")
         if self.path.exists():
             self.path.rename(old)
         self.partial.rename(self.path)
-        if old.exists():
-            shutil.rmtree(old)
+        remove_path(old)
         self._committed = True
+        self._lock.release()
         store = EpisodeStore(self.path, check_values=False)
         log.info("wrote %s (%d episodes, %d steps)", self.path, store.n_episodes, store.n_steps)
         return store
 
     def discard(self) -> None:
-        """Delete the partial store."""
+        """Delete the partial store; releases the lock."""
         shutil.rmtree(self.partial, ignore_errors=True)
+        self._lock.release()
 
     def __enter__(self) -> EpisodeWriter:
         return self
@@ -420,3 +536,4 @@ class EpisodeWriter:
             self.discard()
         elif self.partial.exists():
             log.warning("%s kept after %s: rerun with resume to continue", self.partial, exc_type.__name__)
+        self._lock.release()

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from difftori.datasets.episode_store import ACTION_KEY, EpisodeStore, StoreMeta
+from difftori.datasets.episode_store import ACTION_KEY, EpisodeStore, EpisodeWriter, StoreMeta
+from difftori.datasets.safeio import OutputLock
 from difftori.eval.envs import make_env
 from difftori.eval.experts import make_expert
 from difftori.eval.rollout import run_episode
@@ -55,12 +56,19 @@ class DemoConfig:
 
 
 def generate_demos(
-    cfg: DemoConfig, out: str | Path, *, overwrite: bool = False, resume: bool = True
+    cfg: DemoConfig, out: str | Path, *, overwrite: bool = False, resume: bool = True, wait: bool = False
 ) -> EpisodeStore:
     """Write ``cfg.episodes`` successful expert episodes to the store ``out`` (atomically).
 
     An interrupted run leaves ``<out>.partial``; running again with the same config resumes it.
+    ``out`` is locked before anything is built: a second writer fails at once (``wait``: waits).
     """
+    with OutputLock(out, wait):
+        EpisodeWriter.check_target(Path(out), overwrite)
+        return _generate(cfg, out, overwrite, resume)
+
+
+def _generate(cfg: DemoConfig, out: str | Path, overwrite: bool, resume: bool) -> EpisodeStore:
     env = make_env(cfg.suite, cfg.task, obs=cfg.obs, max_episode_steps=cfg.max_episode_steps)
     expert = make_expert(cfg.suite, cfg.task)
     space = env.action_space

@@ -9,9 +9,38 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from difftori.datasets.safeio import OutputLock
 from difftori.pipeline import paths
 
 log = logging.getLogger("difftori")
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another process is writing the same output, wait for it instead of failing",
+    )
+
+
+def _add_restart(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an interrupted run's state (<out>.work) and train from scratch",
+    )
+
+
+def _check_checkpoint_name(path: Path, kind: str, expected: str, flag: str) -> None:
+    """Refuse a checkpoint of another policy/refiner than the one the outputs are filed under."""
+    from difftori.base_policies.checkpoint import CheckpointError, read_checkpoint
+
+    name = read_checkpoint(path, kind).name
+    if name != expected:
+        raise CheckpointError(
+            f"{path}: holds a {name!r} {kind.replace('_', ' ')}, but {flag} is {expected!r}; "
+            f"its outputs would be filed under {expected!r}"
+        )
 
 
 def _demos(args: argparse.Namespace) -> None:
@@ -28,7 +57,7 @@ def _demos(args: argparse.Namespace) -> None:
         obs=obs,
         zarr_format=args.zarr_format,
     )
-    store = generate_demos(cfg, args.out, overwrite=args.overwrite, resume=not args.no_resume)
+    store = generate_demos(cfg, args.out, overwrite=args.overwrite, resume=not args.no_resume, wait=args.wait)
     log.info(
         "%s: %d episodes (%d tried), %d steps, keys %s",
         store.path,
@@ -60,6 +89,7 @@ def _add_demos(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2, help="zarr format to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-resume", action="store_true", help="ignore a partial store left by a crash")
+    _add_wait(p)
     p.set_defaults(func=_demos)
 
 
@@ -78,7 +108,7 @@ def _train_base(args: argparse.Namespace) -> None:
     out = args.out or paths.base_model(args.task, args.policy, cfg.seed)
     checkpoint = args.checkpoint or section(params, "base_checkpoints", args.task).get(args.policy)
     if checkpoint:
-        import_checkpoint(Path(checkpoint), out, args.policy, demos)
+        import_checkpoint(Path(checkpoint), out, args.policy, demos, wait=args.wait)
         if not args.out:  # the stage's logs output: the imported run's curves, if it has them
             logs = args.logs or paths.train_logs(args.task, args.policy, cfg.seed)
             shutil.rmtree(logs, ignore_errors=True)
@@ -90,7 +120,18 @@ def _train_base(args: argparse.Namespace) -> None:
         return
     policy_cfg = section(params, "policies", args.policy)
     logs = args.logs or (None if args.out else paths.train_logs(args.task, args.policy, cfg.seed))
-    train_base(args.task, args.policy, demos, out, policy_cfg, cfg, progress=not args.no_progress, logs=logs)
+    train_base(
+        args.task,
+        args.policy,
+        demos,
+        out,
+        policy_cfg,
+        cfg,
+        progress=not args.no_progress,
+        logs=logs,
+        restart=args.restart,
+        wait=args.wait,
+    )
 
 
 def _add_train_base(sub: argparse._SubParsersAction) -> None:
@@ -114,6 +155,8 @@ def _add_train_base(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="override train_base.max_steps")
     p.add_argument("--seed", type=int, help="training seed k (default train_base.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_restart(p)
+    _add_wait(p)
     p.set_defaults(func=_train_base)
 
 
@@ -131,16 +174,20 @@ def _init_actions(args: argparse.Namespace) -> None:
     train_cfg = config_from_dict(
         TrainConfig, section(params, "train_base") | {"seed": args.seed}, f"{args.params}: train_base"
     )
-    init_actions_stage(
-        args.task,
-        demos=args.demos or paths.demos(args.task),
-        model=args.model or paths.base_model(args.task, args.policy, args.seed),
-        out=args.out or paths.init_actions(args.task, args.policy, args.seed),
-        cfg=cfg,
-        seed=args.seed,
-        policy_config=section(params, "policies", args.policy),
-        train_cfg=train_cfg,
-    )
+    model = args.model or paths.base_model(args.task, args.policy, args.seed)
+    _check_checkpoint_name(model, "base_policy", args.policy, "--policy")
+    out = args.out or paths.init_actions(args.task, args.policy, args.seed)
+    with OutputLock(out, args.wait):
+        init_actions_stage(
+            args.task,
+            demos=args.demos or paths.demos(args.task),
+            model=model,
+            out=out,
+            cfg=cfg,
+            seed=args.seed,
+            policy_config=section(params, "policies", args.policy),
+            train_cfg=train_cfg,
+        )
 
 
 def _add_init_actions(sub: argparse._SubParsersAction) -> None:
@@ -164,6 +211,7 @@ def _add_init_actions(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="output (default data/inits/<task>/<policy>/seed<k>.zarr)")
     p.add_argument("--samples", type=int, help="samples per step (params init_actions.samples, else 4)")
     p.add_argument("--weights", choices=("ema", "raw"), help="which weights (default ema)")
+    _add_wait(p)
     p.set_defaults(func=_init_actions)
 
 
@@ -189,6 +237,8 @@ def _train_refiner(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         logs=args.logs
         or (None if args.out else paths.train_logs(args.task, f"{args.policy}-{args.refiner}", cfg.seed)),
+        restart=args.restart,
+        wait=args.wait,
     )
 
 
@@ -219,6 +269,8 @@ def _add_train_refiner(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="override train_refiner.max_steps")
     p.add_argument("--seed", type=int, help="training seed k (default train_refiner.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_restart(p)
+    _add_wait(p)
     p.set_defaults(func=_train_refiner)
 
 
@@ -231,12 +283,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("episodes", args.episodes), ("workers", args.workers)) if v is not None}
     cfg = config_from_dict(EvalConfig, section(params, "evaluate") | overrides, f"{args.params}: evaluate")
     refined = args.refiner != paths.NO_REFINER
+    base = args.model or paths.base_model(args.task, args.policy, args.seed)
+    _check_checkpoint_name(base, "base_policy", args.policy, "--policy")
+    refiner = None
+    if refined:
+        refiner = args.refiner_model or paths.refiner_model(args.task, args.policy, args.refiner, args.seed)
+        kind = section(params, "refiner_configs", args.refiner).get("type", args.refiner)
+        _check_checkpoint_name(refiner, "refiner", kind, "--refiner")
     evaluate(
         demos=args.demos or paths.demos(args.task),
-        base=args.model or paths.base_model(args.task, args.policy, args.seed),
-        refiner=(args.refiner_model or paths.refiner_model(args.task, args.policy, args.refiner, args.seed))
-        if refined
-        else None,
+        base=base,
+        refiner=refiner,
         seed=args.seed,
         out=args.out or paths.eval_result(args.task, args.policy, args.refiner, args.seed),
         cfg=cfg,
@@ -296,7 +353,41 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_report)
 
 
-# Each entry adds one subcommand (one pipeline stage).
+def _check(args: argparse.Namespace) -> None:
+    from difftori.base_policies.checkpoint import CONFIG, CheckpointError, read_checkpoint, verify_files
+    from difftori.datasets.episode_store import EpisodeStore
+
+    for path in args.paths:
+        if (path / CONFIG).is_file():
+            ckpt = read_checkpoint(path)
+            if ckpt.format_version < 2:
+                raise CheckpointError(f"{path / CONFIG}: format 1: no weights hashes recorded, cannot verify")
+            verify_files(path, ckpt)
+            log.info("%s: ok (%s %r; %s match their sha256)", path, ckpt.kind, ckpt.name, sorted(ckpt.files))
+        else:
+            store = EpisodeStore(path)
+            store.verify()
+            log.info(
+                "%s: ok (%d episodes; every chunk present, every array matches its checksum)",
+                path,
+                store.n_episodes,
+            )
+
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check",
+        help="verify episode stores and checkpoints against their recorded checksums",
+        description="For each episode store: open and validate it (every chunk present, no NaN, one "
+        "seed per episode) and verify every array against the sha256 recorded when it was written. "
+        "For each checkpoint directory (config.json): verify every weights file against its "
+        "recorded sha256. Exits 1 at the first problem, naming the file and key.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, help="episode stores (.zarr) or checkpoint directories")
+    p.set_defaults(func=_check)
+
+
+# Each entry adds one subcommand (one pipeline stage; ``check`` verifies outputs).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demos,
     _add_train_base,
@@ -304,6 +395,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train_refiner,
     _add_evaluate,
     _add_report,
+    _add_check,
 ]
 
 

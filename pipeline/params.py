@@ -1,4 +1,4 @@
-"""Reading params.yaml (the DVC params file) into typed configs."""
+"""Reading params.yaml (the DVC params file) into typed configs, validated whole on load."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 import yaml
 
 
-def load_params(path: Path | None) -> dict[str, Any]:
-    """The params file as a dict; ``None`` or a missing default ``params.yaml`` gives ``{}``."""
+def load_params(path: Path | None, validate: bool = True) -> dict[str, Any]:
+    """The params file as a dict, checked whole by :func:`validate_params` (``validate=False``
+    skips that); ``None`` or a missing default ``params.yaml`` gives ``{}``."""
     if path is None:
         return {}
     if not path.exists():
@@ -22,6 +23,8 @@ def load_params(path: Path | None) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
+    if validate:
+        validate_params(data, path)
     return data
 
 
@@ -35,3 +38,105 @@ def section(params: dict[str, Any], *keys: str) -> dict[str, Any]:
         if not isinstance(node, dict):
             raise ValueError(f"params: {'.'.join(keys[: i + 1])} must be a mapping, got {node!r}")
     return dict(node)
+
+
+# The top-level sections of a params file (name -> what it holds); any other name is an error.
+SECTIONS: dict[str, str] = {
+    "suite": "simulator suite (str)",
+    "tasks": "task names (list of str)",
+    "seeds": "training seeds (list of int)",
+    "demos": "demo generation settings",
+    "base_policies": "registered base policy names (list of str)",
+    "policies": "<policy>: its config",
+    "base_checkpoints": "<task>: {<policy>: checkpoint dir}",
+    "train_base": "TrainConfig",
+    "init_actions": "InitActionsConfig",
+    "refiners": "refiner names (list of str)",
+    "refiner_configs": "<refiner>: its config, or a variant {type: <refiner>, ...}",
+    "train_refiner": "TrainConfig",
+    "evaluate": "EvalConfig",
+}
+DEMOS_KEYS: dict[str, type] = {
+    "episodes": int,
+    "seed": int,
+    "max_episode_steps": int,
+    "n_points": int,
+    "zarr_format": int,
+    "max_attempts": int,
+    "image": bool,
+}
+
+
+def _check_list(params: dict[str, Any], key: str, item: type, where: str) -> list[Any]:
+    value = params.get(key, [])
+    if not isinstance(value, list) or not all(type(v) is item for v in value):
+        raise ValueError(f"{where}: {key}: expected a list of {item.__name__}, got {value!r}")
+    return value
+
+
+def _check_demos(demos: dict[str, Any], where: str) -> None:
+    for key, value in demos.items():
+        if key not in DEMOS_KEYS:
+            raise ValueError(f"{where}: demos: unknown key {key!r}; valid keys: {sorted(DEMOS_KEYS)}")
+        if type(value) is not DEMOS_KEYS[key]:
+            raise ValueError(f"{where}: demos.{key}: expected {DEMOS_KEYS[key].__name__}, got {value!r}")
+
+
+def _registered(name: str, names: Any, key: str, what: str, where: str, hint: str = "") -> None:
+    if name not in names:
+        raise ValueError(f"{where}: {key}: unknown {what} {name!r}; valid: {', '.join(sorted(names))}{hint}")
+
+
+def _check_named_configs(params: dict[str, Any], where: str) -> set[str]:
+    """Policy and refiner names (registered, or typed refiner variants) and their configs.
+    Returns the refiner names that ``refiners`` may list."""
+    from difftori.base_policies import POLICIES
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.refiners import REFINERS
+
+    for name in section(params, "policies"):
+        _registered(name, POLICIES, f"policies.{name}", "base policy", where)
+        cfg = section(params, "policies", name)
+        config_from_dict(POLICIES[name].config_cls, cfg, f"{where}: policies.{name}")
+    for name in _check_list(params, "base_policies", str, where):
+        _registered(name, POLICIES, "base_policies", "base policy", where)
+    for task in section(params, "base_checkpoints"):
+        for name in section(params, "base_checkpoints", task):
+            _registered(name, POLICIES, f"base_checkpoints.{task}.{name}", "base policy", where)
+    variants = set(REFINERS)
+    for name in section(params, "refiner_configs"):
+        cfg = section(params, "refiner_configs", name)
+        kind = cfg.pop("type", name)
+        key = f"refiner_configs.{name}" + (".type" if kind != name else "")
+        _registered(kind, REFINERS, key, "refiner", where, " (a variant names its type: {type: ibc, ...})")
+        config_from_dict(REFINERS[kind].config_cls, cfg, f"{where}: refiner_configs.{name}")
+        variants.add(name)
+    return variants
+
+
+def validate_params(params: dict[str, Any], where: str | Path = "params") -> None:
+    """Check a whole params file: unknown sections, unknown policy or refiner names and wrong types
+    are errors naming the key and listing the valid ones (a typo is never silently ignored)."""
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.eval.evaluate import EvalConfig
+    from difftori.pipeline.init_actions import InitActionsConfig
+    from difftori.pipeline.training import TrainConfig
+
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{where}: unknown section {unknown[0]!r}; valid sections: {', '.join(SECTIONS)}")
+    if not isinstance(params.get("suite", ""), str):
+        raise ValueError(f"{where}: suite: expected str, got {params['suite']!r}")
+    _check_list(params, "tasks", str, str(where))
+    _check_list(params, "seeds", int, str(where))
+    _check_demos(section(params, "demos"), str(where))
+    configs = {"train_base": TrainConfig, "train_refiner": TrainConfig, "init_actions": InitActionsConfig}
+    for key, cls in (configs | {"evaluate": EvalConfig}).items():
+        config_from_dict(cls, section(params, key), f"{where}: {key}")
+    refiners = _check_named_configs(params, str(where))
+    for name in _check_list(params, "refiners", str, str(where)):
+        if name not in refiners:
+            raise ValueError(
+                f"{where}: refiners: unknown refiner {name!r}; registered or configured in "
+                f"refiner_configs: {', '.join(sorted(refiners))}"
+            )

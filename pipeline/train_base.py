@@ -13,12 +13,21 @@ import lightning as L
 import numpy as np
 from difftori.base_policies import ShapeMeta, load_policy, make_policy
 from difftori.base_policies.checkpoint import CheckpointError
+from difftori.base_policies.configs import config_to_dict
 from difftori.datasets.episode_store import EpisodeStore
+from difftori.datasets.safeio import OutputLock
 from difftori.datasets.windows import WindowDataset
 from difftori.pipeline.rollouts import RolloutCallback, RolloutConfig
-from difftori.pipeline.training import LitTrainer, TrainConfig, fit, save_trained
+from difftori.pipeline.training import LitTrainer, TrainConfig, fit, run_state, save_trained
 
 log = logging.getLogger(__name__)
+# The code whose version a resumed base-policy training must share with the interrupted one.
+TRAINING_CODE = (
+    "difftori.base_policies",
+    "difftori.datasets",
+    "difftori.pipeline.training",
+    "difftori.pipeline.train_base",
+)
 
 
 def split_episodes(n: int, val_episodes: int, seed: int) -> tuple[list[int], list[int]]:
@@ -38,14 +47,39 @@ def train_base(
     progress: bool = True,
     logs: Path | None = None,
     split: tuple[list[int], list[int]] | None = None,
+    restart: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Train ``policy_name`` on ``demos`` and save it to ``out``; returns the training summary.
 
     ``split`` = (train, validation) episodes, default the seeded :func:`split_episodes`.
-    Lightning state lives in ``<out>.work`` while training (an interrupted run resumes from it)
-    and is removed once ``out`` is written.
+    Lightning state lives in ``<out>.work`` while training (an interrupted run resumes from it,
+    if its settings, data and code are the same; ``restart`` discards it) and is removed once
+    ``out`` is written. The demos' checksums are verified first; ``out`` is locked throughout
+    (``wait``: queue behind another writer instead of failing).
     """
-    store = EpisodeStore(demos)
+    with OutputLock(out, wait):
+        store = EpisodeStore(demos)
+        data = store.verify()
+        return _train_base(
+            task, policy_name, store, data, out, policy_config, cfg, progress, logs, split, restart
+        )
+
+
+def _train_base(
+    task: str,
+    policy_name: str,
+    store: EpisodeStore,
+    data_digest: str,
+    out: Path,
+    policy_config: dict[str, Any] | None,
+    cfg: TrainConfig,
+    progress: bool,
+    logs: Path | None,
+    split: tuple[list[int], list[int]] | None,
+    restart: bool,
+) -> dict[str, Any]:
+    demos = store.path
     L.seed_everything(cfg.seed, verbose=False)  # before building: initial weights are seeded too
     policy = make_policy(policy_name, policy_config, ShapeMeta.from_store(store))
     train_eps, val_eps = split or split_episodes(store.n_episodes, cfg.val_episodes, cfg.seed)
@@ -65,7 +99,10 @@ def train_base(
     lit = LitTrainer(policy, cfg)
     work = out.with_name(out.name + ".work")
     callbacks = rollout_callbacks(demos, cfg)
-    summary = fit(lit, train, val, work, progress=progress, callbacks=callbacks)
+    model = {"policy": policy_name, "config": config_to_dict(policy.config)}
+    split = (train_eps, val_eps)
+    state = run_state(task, model, cfg, split, {"demos": data_digest}, TRAINING_CODE)
+    summary = fit(lit, train, val, work, progress=progress, callbacks=callbacks, state=state, restart=restart)
     if callbacks:
         summary["rollouts"] = callbacks[0].history
     summary |= {"train_episodes": train_eps, "val_episodes": val_eps}
@@ -89,8 +126,14 @@ def rollout_callbacks(demos: Path, cfg: TrainConfig, wrap: Any = None) -> list[R
     return [RolloutCallback(demos, rollout, wrap)]
 
 
-def import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path) -> None:
-    """Use an existing checkpoint instead of training: validate it against the demos and copy it."""
+def import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path, wait: bool = False) -> None:
+    """Use an existing checkpoint instead of training: validate it (weights hashes included)
+    against the demos and copy it, holding ``out``'s lock."""
+    with OutputLock(out, wait):
+        _import_checkpoint(src, out, policy_name, demos)
+
+
+def _import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path) -> None:
     policy = load_policy(src)
     if policy.name != policy_name:
         raise CheckpointError(f"{src}: holds a '{policy.name}' policy, expected '{policy_name}'")

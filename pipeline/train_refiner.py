@@ -12,11 +12,13 @@ import lightning as L
 import numpy as np
 from difftori.base_policies import ShapeMeta
 from difftori.base_policies.checkpoint import read_checkpoint
+from difftori.base_policies.configs import config_to_dict
 from difftori.datasets.episode_store import EpisodeStore
 from difftori.datasets.init_action_store import InitActionStore
+from difftori.datasets.safeio import OutputLock, array_sha256
 from difftori.datasets.windows import InitActionWindows, WindowDataset
-from difftori.pipeline.train_base import split_episodes
-from difftori.pipeline.training import LitTrainer, TrainConfig, fit, save_trained
+from difftori.pipeline.train_base import TRAINING_CODE, split_episodes
+from difftori.pipeline.training import LitTrainer, TrainConfig, fit, run_state, save_trained
 from difftori.refiners import REFINERS
 
 log = logging.getLogger(__name__)
@@ -42,13 +44,36 @@ def train_refiner(
     cfg: TrainConfig,
     progress: bool = True,
     logs: Path | None = None,
+    restart: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Train ``refiner_name`` and save it to ``out``; returns the training summary.
 
     ``refiner_config["type"]`` names the registered refiner when ``refiner_name`` is a variant
     (e.g. ``ibc_alone: {type: ibc, init: uniform}``); otherwise ``refiner_name`` is the type.
+    As :func:`~difftori.pipeline.train_base.train_base`: demos verified, ``out`` locked, resume
+    state checked (``restart`` discards it).
     """
+    with OutputLock(out, wait):
+        return _train_refiner(
+            task, refiner_name, demos, inits_path, out, refiner_config, cfg, progress, logs, restart
+        )
+
+
+def _train_refiner(
+    task: str,
+    refiner_name: str,
+    demos: Path,
+    inits_path: Path,
+    out: Path,
+    refiner_config: dict[str, Any] | None,
+    cfg: TrainConfig,
+    progress: bool,
+    logs: Path | None,
+    restart: bool,
+) -> dict[str, Any]:
     store = EpisodeStore(demos)
+    data_digest = store.verify()
     inits = InitActionStore(inits_path)
     inits.check_aligned(store)
     window = {"horizon": inits.meta.horizon, "n_obs_steps": inits.meta.n_obs_steps}
@@ -82,7 +107,11 @@ def train_refiner(
     )
     lit = LitTrainer(refiner, cfg)
     work = out.with_name(out.name + ".work")
-    summary = fit(lit, train, val, work, progress=progress)
+    model = {"refiner": kind, "config": config_to_dict(refiner.config)}
+    data_digests = {"demos": data_digest, "init_actions": array_sha256(init_actions)}
+    code = (*TRAINING_CODE, "difftori.refiners", "difftori.pipeline.train_refiner")
+    state = run_state(task, model, cfg, (train_eps, val_eps), data_digests, code)
+    summary = fit(lit, train, val, work, progress=progress, state=state, restart=restart)
     summary |= {"train_episodes": train_eps, "val_episodes": val_eps}
     if hasattr(refiner, "cholesky_failures"):
         summary["cholesky_failures"] = int(refiner.cholesky_failures)

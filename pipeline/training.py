@@ -6,14 +6,23 @@
 (``ckpt/last.ckpt`` at every epoch end, with the RNG state; batches are shuffled by a function
 of (seed, epoch)), so an interrupted run resumed from it ends exactly where an uninterrupted run
 ends; metrics go to dvclive (``dvclive/plots/metrics/...``, readable by ``dvc plots``).
+Checkpoints are written atomically beside their target (the one before is kept as
+``last.prev.ckpt``); a corrupt ``last.ckpt`` falls back to it. ``resume.json`` records a
+fingerprint of the run (config, data, code version): a resume with other settings is refused.
 Lightning picks the devices: CPU here, GPUs and DDP via ``accelerator``/``devices``/``strategy``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import time
@@ -23,10 +32,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from difftori.datasets.safeio import atomic_write_text, naming_path
 from diffusers.training_utils import EMAModel
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
+RESUME_STATE = "resume.json"
+
+
+class ResumeError(RuntimeError):
+    """The work directory of an interrupted run cannot be resumed with these settings."""
 
 
 @dataclass(frozen=True)
@@ -176,6 +192,138 @@ class LitTrainer(L.LightningModule):
         return state
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file beside the target, fsynced and renamed
+    (never moved across filesystems); the checkpoint replaced is kept as ``<name>.prev.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with naming_path(path), open(tmp, "wb") as f:
+                f.write(buf.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            if path.exists():
+                os.replace(path, previous_checkpoint(path))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where :class:`AtomicCheckpointIO` keeps the checkpoint that ``path`` replaced."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def code_version(*modules: str) -> str:
+    """difftori's version plus a hash of the source of ``modules`` (packages: all their files)."""
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            raise ValueError(f"code_version: no module {name!r}")
+        where = spec.submodule_search_locations
+        files = sorted(Path(where[0]).glob("*.py")) if where else [Path(spec.origin or "")]
+        for f in files:
+            h.update(f"{name}/{f.name}".encode() + f.read_bytes())
+    try:
+        version = importlib.metadata.version("difftori")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"{version}+{h.hexdigest()[:16]}"
+
+
+def run_state(
+    task: str,
+    model: dict[str, Any],
+    cfg: TrainConfig,
+    split: tuple[list[int], list[int]],
+    data: dict[str, str],
+    code: tuple[str, ...],
+) -> dict[str, Any]:
+    """What determines a training run, for :func:`check_resume_state`: the task, the model's name
+    and config, the training config (not its thread count), the split, data digests and the
+    version of ``code``."""
+    train_config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_threads"}
+    state = {"task": task, **model, "train_config": train_config, "split": list(split), "data": data}
+    return state | {"code": code_version(*code)}
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    """Why a Lightning checkpoint cannot be resumed from, or None if it loads."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, bad pickle, ...
+        return f"{type(e).__name__}: {e}"
+    missing = {"global_step", "state_dict"} - set(ckpt if isinstance(ckpt, dict) else {})
+    return f"no {sorted(missing)} in it" if missing else None
+
+
+def resume_checkpoint(work_dir: Path) -> Path | None:
+    """The checkpoint to resume from: ``last.ckpt``, else (missing or corrupt) the one before it;
+    None for a fresh start. Raises :class:`ResumeError` naming the file when neither loads."""
+    last = work_dir / "ckpt" / "last.ckpt"
+    prev = previous_checkpoint(last)
+    if not last.exists() and not prev.exists():
+        return None
+    problem = _checkpoint_problem(last) if last.exists() else "missing"
+    if problem is None:
+        return last
+    if prev.exists() and _checkpoint_problem(prev) is None:
+        log.warning("%s: %s; resuming from the checkpoint before it, %s", last, problem, prev)
+        last.unlink(missing_ok=True)  # so that the next save keeps prev as the fallback
+        return prev
+    raise ResumeError(
+        f"{last}: cannot resume from it ({problem}) and there is no earlier good checkpoint; "
+        f"rerun with --restart to discard {work_dir} and train from scratch"
+    )
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{key}.{k}".lstrip("."))]
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def check_resume_state(work_dir: Path, state: dict[str, Any], resuming: bool) -> None:
+    """Record ``state`` (what determines the run) in ``work_dir/resume.json`` on a fresh start;
+    on a resume, refuse unless it equals the recorded one."""
+    state = json.loads(json.dumps(state))
+    record = work_dir / RESUME_STATE
+    if not resuming:
+        atomic_write_text(record, json.dumps(state, indent=2, sort_keys=True))
+        return
+    fix = "rerun with --restart to discard it and train from scratch, or restore the settings to resume"
+    if not record.is_file():
+        raise ResumeError(f"{work_dir}: interrupted run with no {RESUME_STATE} to check its settings; {fix}")
+    try:
+        old = json.loads(record.read_text())
+    except ValueError as e:
+        raise ResumeError(f"{record}: unreadable ({e}); {fix}") from None
+    diffs = _differences(old, state)
+    if diffs:
+        shown = "; ".join(d if len(d) < 200 else d[:197] + "..." for d in diffs[:5])
+        raise ResumeError(f"{work_dir}: the interrupted run was started with other settings ({shown}); {fix}")
+
+
+def prepare_work_dir(work_dir: Path, state: dict[str, Any] | None, restart: bool) -> Path | None:
+    """Create ``work_dir`` (emptied first with ``restart``), check an interrupted run's settings
+    against ``state`` and return the checkpoint to resume from (None: a fresh start)."""
+    if restart and work_dir.exists():
+        log.info("%s: discarding the interrupted run (--restart)", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = resume_checkpoint(work_dir)
+    if state is not None:
+        check_resume_state(work_dir, state, resuming=ckpt is not None)
+    return ckpt
+
+
 def fit(
     lit: LitTrainer,
     train: torch.utils.data.Dataset,
@@ -183,11 +331,15 @@ def fit(
     work_dir: Path,
     progress: bool = True,
     callbacks: list[L.Callback] | None = None,
+    state: dict[str, Any] | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
-    """Train ``lit`` to ``cfg.max_steps``, resuming from ``work_dir/last.ckpt`` if present.
+    """Train ``lit`` to ``cfg.max_steps``, resuming from ``work_dir/ckpt/last.ckpt`` if present.
 
     Returns a summary: steps, wall time, peak resident memory, last validation metrics.
-    ``callbacks`` are added to Lightning's (e.g. closed-loop rollouts).
+    ``callbacks`` are added to Lightning's (e.g. closed-loop rollouts). ``state`` (what determines
+    the run: configs, data digest, code version) is recorded in the work directory and must match
+    on resume; ``restart`` discards an interrupted run first (see :func:`prepare_work_dir`).
     """
     from dvclive.lightning import DVCLiveLogger
 
@@ -197,11 +349,10 @@ def fit(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    last = work_dir / "ckpt" / "last.ckpt"
-    resume = last.exists()
+    ckpt = prepare_work_dir(work_dir, state, restart)
+    resume = ckpt is not None
     if resume:
-        log.info("resuming from %s", last)
+        log.info("resuming from %s", ckpt)
     loader = torch.utils.data.DataLoader(
         train,
         batch_size=min(cfg.batch_size, len(train)),
@@ -223,6 +374,7 @@ def fit(
         devices=cfg.devices,
         strategy=cfg.strategy,
         precision=cfg.precision,
+        plugins=[AtomicCheckpointIO()],
         logger=logger,
         callbacks=[
             ModelCheckpoint(
@@ -241,7 +393,7 @@ def fit(
         default_root_dir=str(work_dir),
     )
     start = time.perf_counter()
-    trainer.fit(lit, loader, val_loader, ckpt_path=str(last) if resume else None)
+    trainer.fit(lit, loader, val_loader, ckpt_path=str(ckpt) if resume else None)
     if val_loader is not None and cfg.max_steps % cfg.val_every_steps:  # last step not validated yet
         trainer.validate(lit, val_loader, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -259,11 +411,14 @@ def save_trained(
 ) -> None:
     """Write the trained module's checkpoint (raw + EMA weights), its dvclive metrics and
     ``summary.json`` to ``out``, the training curves (dvclive's ``plots/`` TSVs) to ``logs`` (for
-    ``dvc plots``); then drop the resume state in ``work_dir``."""
+    ``dvc plots``); then drop the resume state in ``work_dir``. A failure (a full disk) keeps
+    ``work_dir``, so a rerun resumes at the last step and saves again."""
     lit.module.save(out, ema_state=lit.ema_state_dict(), info=info)
-    shutil.copytree(work_dir / "dvclive", out / "dvclive", dirs_exist_ok=True)
+    with naming_path(out):
+        shutil.copytree(work_dir / "dvclive", out / "dvclive", dirs_exist_ok=True)
+        atomic_write_text(out / "summary.json", json.dumps(info["summary"], indent=2))
     if logs is not None:
-        shutil.rmtree(logs, ignore_errors=True)
-        shutil.copytree(work_dir / "dvclive" / "plots" / "metrics", logs)
-    (out / "summary.json").write_text(json.dumps(info["summary"], indent=2))
+        with naming_path(logs):
+            shutil.rmtree(logs, ignore_errors=True)
+            shutil.copytree(work_dir / "dvclive" / "plots" / "metrics", logs)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -39,7 +39,10 @@ def test_round_trip(tmp_path, rng, zarr_format):
     np.testing.assert_array_equal(w["action"], episodes[2]["action"][4:9])
     assert store.meta.episode_seeds == [100, 101, 102]
     assert store.meta.n_attempts == 3
-    assert store.meta == small_meta(episode_seeds=[100, 101, 102], n_attempts=3)
+    assert set(store.meta.checksums) == {"meta/episode_ends", *(f"data/{k}" for k in store.keys)}
+    expected = small_meta(episode_seeds=[100, 101, 102], n_attempts=3, checksums=store.meta.checksums)
+    assert store.meta == expected
+    assert store.verify().startswith("sha256:")
     with pytest.raises(IndexError):
         store.window(1, 0, 4)
     assert not path.with_name("s.zarr.partial").exists()
