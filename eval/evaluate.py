@@ -11,6 +11,10 @@ Each worker process holds ``envs_per_worker`` envs and steps them together (one 
 control step, each episode with its own generator, so an episode does not depend on which others
 share its batch; a freed env takes the next episode). :func:`make_eval_env` and
 :func:`run_policy_episodes` run the same episodes in the calling process (e.g. during training).
+
+Nothing is lost on a crash: ``out`` is locked for the run, its folder is checked writable before
+the first rollout, every finished episode goes to a journal (:mod:`difftori.eval.journal`) from
+which a re-run resumes, and the results file is written atomically.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import numpy as np
 import torch
 from difftori.base_policies import load_policy
 from difftori.datasets.episode_store import EpisodeStore, StoreMeta
+from difftori.datasets.safeio import OutputLock
 from difftori.eval.envs import make_env
 from difftori.eval.envs.multistep import MultiStepWrapper
+from difftori.eval.journal import EvalJournal, check_writable, checkpoint_digest
 from difftori.eval.results import EvalResult
 from difftori.eval.rollout import PolicyEpisodeBatch, run_policy_episodes, write_video  # noqa: F401
 from difftori.eval.workers import plan, run_in_workers
@@ -141,12 +147,30 @@ def evaluate(
     video_dir: Path | None = None,
     progress: bool = True,
     refiner_name: str | None = None,
+    wait: bool = False,
 ) -> EvalResult:
     """Roll out the (refined) policy for ``cfg.episodes`` episodes and write the results to ``out``.
 
     ``refiner_name`` is recorded as the refiner (default: the refiner's registered name; a params
-    variant such as ``ibc_alone`` passes its own name).
+    variant such as ``ibc_alone`` passes its own name). ``out`` is locked for the run (``wait``:
+    queue behind another writer); an interrupted run resumes from its journal.
     """
+    check_writable(out)  # before anything: a read-only or full folder fails at once
+    with OutputLock(out, wait):
+        return _evaluate(demos, base, refiner, seed, out, cfg, video_dir, progress, refiner_name)
+
+
+def _evaluate(
+    demos: Path,
+    base: Path,
+    refiner: Path | None,
+    seed: int,
+    out: Path,
+    cfg: EvalConfig,
+    video_dir: Path | None,
+    progress: bool,
+    refiner_name: str | None,
+) -> EvalResult:
     meta = EpisodeStore(demos, check_values=False).meta
     policy, method = load_eval_policy(base, refiner, cfg.weights)  # fail here, clearly, not in workers
     missing = [k for k in policy.obs_keys if k not in meta.obs_kinds]
@@ -155,6 +179,7 @@ def evaluate(
     is_refined = isinstance(policy, RefinedPolicy)
     base_name = policy.base.name if is_refined else policy.name
     refiner_name = refiner_name or (policy.refiner.name if is_refined else "none")
+    loaded = sorted({policy.base.weights, policy.refiner.weights} if is_refined else {policy.weights})
     del policy
     seeds = episode_seeds(cfg.seed, cfg.episodes, exclude=set(meta.episode_seeds))
     if video_dir is not None:
@@ -170,8 +195,18 @@ def evaluate(
         workers,
         per_worker,
     )
+    journal = EvalJournal(out, _journal_header(meta, seeds, cfg, base, refiner))
+    finished = journal.start()
     records = run_in_workers(
-        factory, seeds, workers, cfg.retries, f"{meta.task} {method}", progress, per_worker
+        factory,
+        seeds,
+        workers,
+        cfg.retries,
+        f"{meta.task} {method}",
+        progress,
+        per_worker,
+        on_record=journal.append,
+        finished=finished,
     )
     result = EvalResult(
         suite=meta.suite,
@@ -181,12 +216,32 @@ def evaluate(
         seed=seed,
         method=method,
         checkpoints={"base": str(base), "refiner": str(refiner) if refiner else None},
-        config=asdict(cfg),
+        config=asdict(cfg) | {"weights": "+".join(loaded)},  # the weights loaded
         episodes=records,
     )
     result.write(out)
+    journal.remove()
     _log_result(result, out)
     return result
+
+
+def _journal_header(
+    meta: StoreMeta, seeds: list[int], cfg: EvalConfig, base: Path, refiner: Path | None
+) -> dict[str, Any]:
+    """What determines an evaluation's records: a journal is resumed only if this is unchanged."""
+    checkpoints = {
+        "base": checkpoint_digest(base),
+        "refiner": checkpoint_digest(refiner) if refiner else None,
+    }
+    return {
+        "suite": meta.suite,
+        "task": meta.task,
+        "obs": meta.params.get("obs"),
+        "seeds": seeds,
+        "max_episode_steps": cfg.max_episode_steps,
+        "weights": cfg.weights,
+        "checkpoints": checkpoints,
+    }
 
 
 def _log_result(result: EvalResult, out: Path) -> None:

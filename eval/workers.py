@@ -10,7 +10,10 @@ the env that freed up. The parent always knows which episodes each worker holds,
 raises (it reports the traceback and exits) or its process dies (segfault, OOM kill), every episode
 it had in flight is retried once on a fresh worker. Retried episodes run alone, one per worker,
 so an episode that brings its worker down cannot take the same batch-mates with it twice; a second
-failure is recorded as ``status="error"`` with the reason, never as a task failure.
+failure is recorded as ``status="error"`` with the reason, never as a task failure. Any failure of a
+worker's pipe (EOF, a reset or broken connection from a worker killed while starting) takes the
+same retry path. ``on_record`` sees each final record as it arrives (the evaluation's journal), and
+``finished`` records (a resumed run's) are kept and not run again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import multiprocessing as mp
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -81,16 +85,24 @@ class _Pool:
     """The parent's bookkeeping: which worker holds which episodes, attempts, records, progress."""
 
     def __init__(
-        self, factory: EpisodeFactory, seeds: list[int], per_worker: int, retries: int, bar: tqdm
+        self,
+        factory: EpisodeFactory,
+        seeds: list[int],
+        per_worker: int,
+        retries: int,
+        bar: tqdm,
+        on_record: Callable[[EpisodeRecord], None] | None = None,
+        finished: dict[int, EpisodeRecord] | None = None,
     ) -> None:
         self.factory, self.seeds, self.bar = factory, seeds, bar
-        self.per_worker, self.retries = per_worker, retries
+        self.per_worker, self.retries, self.on_record = per_worker, retries, on_record
         self.ctx = mp.get_context("spawn")
-        self.todo: deque[int] = deque(range(len(seeds)))
+        finished = finished or {}
+        self.todo: deque[int] = deque(e for e in range(len(seeds)) if e not in finished)
         self.retry: deque[int] = deque()  # failed once: each runs alone on a worker
         self.attempts = [0] * len(seeds)
-        self.records: list[EpisodeRecord | None] = [None] * len(seeds)
-        self.successes = 0
+        self.records: list[EpisodeRecord | None] = [finished.get(e) for e in range(len(seeds))]
+        self.successes = sum(r.success for r in finished.values())
 
     def start(self) -> _Slot:
         parent, child = self.ctx.Pipe()
@@ -113,7 +125,8 @@ class _Pool:
     def _send(self, slot: _Slot, episode: int) -> None:
         self.attempts[episode] += 1
         slot.episodes.add(episode)
-        slot.conn.send((episode, self.seeds[episode]))
+        with contextlib.suppress(OSError):  # a dead worker: its sentinel fires, and collect() retries
+            slot.conn.send((episode, self.seeds[episode]))
 
     def collect(self, slot: _Slot) -> bool:
         """Handle the worker's messages; False if it is gone (its episodes in flight have failed)."""
@@ -122,7 +135,7 @@ class _Pool:
         while reason is None and slot.conn.poll():
             try:
                 kind, payload = slot.conn.recv()
-            except EOFError:
+            except (EOFError, OSError):  # closed, reset or broken: the worker is gone
                 dead = True
                 break
             if kind == "done":
@@ -146,6 +159,8 @@ class _Pool:
         slot.episodes.discard(record.episode)
         record.attempts = self.attempts[record.episode]
         self.records[record.episode] = record
+        if self.on_record is not None:
+            self.on_record(record)
         self.successes += record.success
         self.bar.update(1)
         self.bar.set_postfix(success=f"{self.successes}/{self.bar.n}")
@@ -159,6 +174,8 @@ class _Pool:
                 continue
             log.error("episode %d (seed %d) failed %d times: %s", e, seed, attempts, reason)
             self.records[e] = EpisodeRecord(e, seed, status="error", attempts=attempts, error=reason)
+            if self.on_record is not None:
+                self.on_record(self.records[e])
             self.bar.update(1)
 
 
@@ -178,13 +195,17 @@ def run_in_workers(
     desc: str = "episodes",
     progress: bool = True,
     per_worker: int = 1,
+    on_record: Callable[[EpisodeRecord], None] | None = None,
+    finished: dict[int, EpisodeRecord] | None = None,
 ) -> list[EpisodeRecord]:
     """Run one episode per seed in up to ``workers`` spawned processes holding up to
-    ``per_worker`` episodes each (see :func:`plan`); records in seed order."""
-    n, per = plan(len(seeds), workers, per_worker)
-    bar = tqdm(total=len(seeds), desc=desc, unit="ep", disable=not progress)
-    pool = _Pool(factory, seeds, per, retries, bar)
-    slots = [pool.start() for _ in range(n)]
+    ``per_worker`` episodes each (see :func:`plan`); records in seed order. ``on_record`` is
+    called with each final record; the episodes in ``finished`` (index -> record) are not run."""
+    finished = finished or {}
+    n, per = plan(len(seeds) - len(finished), workers, per_worker)
+    bar = tqdm(total=len(seeds), initial=len(finished), desc=desc, unit="ep", disable=not progress)
+    pool = _Pool(factory, seeds, per, retries, bar, on_record, finished)
+    slots = [pool.start() for _ in range(n if pool.todo else 0)]
     try:
         for slot in slots:
             pool.fill(slot)

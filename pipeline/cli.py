@@ -300,6 +300,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         video_dir=args.videos or paths.eval_videos(args.task, args.policy, args.refiner, args.seed),
         progress=not args.no_progress,
         refiner_name=args.refiner,
+        wait=args.wait,
     )
 
 
@@ -312,7 +313,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         "episodes in evaluate.workers simulator processes, on env seeds drawn from evaluate.seed, and "
         "write one record per episode plus a success-rate summary (Wilson 95% interval) to "
         "results/evals/<task>/<policy>/<refiner>/seed<k>.json; mp4s of the first evaluate.videos "
-        "episodes go to results/videos/<task>/<policy>/<refiner>/seed<k>/.",
+        "episodes go to results/videos/<task>/<policy>/<refiner>/seed<k>/. Finished episodes are "
+        "journaled in <out>.partial.jsonl; an interrupted run resumes from it.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
@@ -328,6 +330,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, help="override evaluate.episodes")
     p.add_argument("--workers", type=int, help="override evaluate.workers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_wait(p)
     p.set_defaults(func=_evaluate)
 
 

@@ -20,8 +20,12 @@ from difftori.base_policies import load_policy
 from difftori.base_policies.checkpoint import CheckpointError
 from difftori.datasets.episode_store import EpisodeStore, StoreError
 from difftori.datasets.safeio import OutputLock
+from difftori.eval import evaluate as evaluate_module
+from difftori.eval.results import EvalResult
+from difftori.eval.workers import run_in_workers
 from difftori.pipeline import train_base as train_base_module
 from difftori.pipeline.cli import main
+from fault_helpers import FaultyEpisodes, expected_record
 from store_helpers import TINY_CONFIGS, small_episode, small_meta, write_policy_store
 
 TESTS = Path(__file__).resolve().parent
@@ -395,3 +399,115 @@ def test_store_writes_are_atomic_and_errors_name_the_file_on_a_full_disk(tmp_pat
                 for seed in range(100):
                     w.add_episode(small_episode(rng, 64), seed=seed)
         assert not out.exists() and not (disk / "s.zarr.lock").exists()
+
+
+# -- 3. evaluation that never loses rollouts --------------------------------------------------------
+@pytest.mark.parametrize("fault, value", [("FAULT_KILL_START", "1"), ("FAULT_KILL_RUN", "4")])
+def test_a_killed_worker_loses_no_episode(tmp_path, monkeypatch, fault, value):
+    """The issue's trial: a worker killed while starting (jobs unread in its pipe: a connection
+    reset) lost the whole evaluation. Now its episodes are retried once on a fresh worker."""
+    monkeypatch.setenv("FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv(fault, value)
+    seeds = [1, 2, 3, 4, 5, 6]
+    records = run_in_workers(
+        FaultyEpisodes(None, "", None, None, 3), seeds, 2, 1, progress=False, per_worker=3
+    )
+    assert [r.status for r in records] == ["ok"] * 6
+    for r in records:
+        assert {k: v for k, v in r.to_dict().items() if k in expected_record(0, 0)} == expected_record(
+            r.episode, seeds[r.episode]
+        )
+    retried = sorted(r.env_seed for r in records if r.attempts == 2)
+    assert retried and set(retried) <= {1, 2, 3, 4, 5, 6} and max(r.attempts for r in records) == 2
+    assert (tmp_path / ("killed-start" if fault == "FAULT_KILL_START" else "killed-run-4")).exists()
+
+
+def eval_args(store, checkpoint, params: Path, out: Path, workers: int = 2) -> list[str]:
+    evaluate = {"episodes": 6, "workers": workers, "envs_per_worker": 3}
+    params.write_text(yaml.safe_dump({"evaluate": evaluate}))
+    return [
+        "evaluate",
+        *("--task", "toy", "--policy", "pointnet_bc", "--demos", str(store.path), "--model", str(checkpoint)),
+        *("--params", str(params), "--out", str(out), "--no-progress"),
+    ]
+
+
+def test_evaluation_with_a_worker_killed_while_starting_writes_every_record(
+    store, reference, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(evaluate_module, "PolicyEpisodes", FaultyEpisodes)
+    monkeypatch.setenv("FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("FAULT_KILL_START", "1")
+    out = tmp_path / "evals" / "seed0.json"
+    assert main(eval_args(store, reference, tmp_path / "p.yaml", out)) == 0
+    result = EvalResult.read(out)
+    assert [e.status for e in result.episodes] == ["ok"] * 6 and result.config["weights"] == "ema"
+    assert leftovers(tmp_path / "evals") == []
+
+
+RESUMABLE = textwrap.dedent(
+    """
+    import sys
+    import difftori.eval.evaluate as ev
+    from difftori.pipeline.cli import main
+    from fault_helpers import FaultyEpisodes
+
+    ev.PolicyEpisodes = FaultyEpisodes
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_killed_evaluation_resumes_from_its_journal(store, reference, tmp_path, monkeypatch):
+    """Kill the evaluating process after two finished episodes; the re-run keeps the journaled
+    records as they are, runs only the others, on the same seeds, and gives an uninterrupted run's
+    records (the fake episodes' records are a function of their seed)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    out = tmp_path / "evals" / "seed0.json"
+    journal = out.with_name("seed0.json.partial.jsonl")
+    args = eval_args(store, reference, tmp_path / "p.yaml", out, workers=1)
+    env = os.environ | {"PYTHONPATH": str(TESTS), "FAULT_DIR": str(runs), "FAULT_SLOW": "0.4"}
+    proc = subprocess.Popen([sys.executable, "-c", RESUMABLE, *args], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (journal.exists() and len(journal.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    lines = journal.read_text().splitlines()
+    journaled = [json.loads(line) for line in lines[1:]]
+    assert len(journaled) >= 2 and not out.exists()
+
+    monkeypatch.setattr(evaluate_module, "PolicyEpisodes", FaultyEpisodes)
+    monkeypatch.setenv("FAULT_DIR", str(runs))
+    assert main(args) == 0
+    episodes = json.loads(out.read_text())["episodes"]
+    for rec in journaled[:2]:  # kept as journaled (wall time included), not run again
+        assert episodes[rec["episode"]] == rec
+        assert len(list(runs.glob(f"ran-{rec['env_seed']}-*"))) == 1
+    seeds = evaluate_module.episode_seeds(100, 6, exclude={0, 1, 2, 3})  # EvalConfig.seed, the demos'
+    uninterrupted = [
+        expected_record(i, s) | {"status": "ok", "return": 1.0, "attempts": 1} for i, s in enumerate(seeds)
+    ]
+    assert [{k: e[k] for k in uninterrupted[0]} for e in episodes] == uninterrupted
+    assert not journal.exists() and leftovers(tmp_path / "evals") == []
+
+
+@pytest.mark.parametrize("problem", ["read-only", "full"])
+def test_unwritable_results_folder_fails_before_any_rollout(
+    store, reference, tmp_path, monkeypatch, caplog, problem
+):
+    monkeypatch.setattr(evaluate_module, "PolicyEpisodes", FaultyEpisodes)
+    monkeypatch.setenv("FAULT_DIR", str(tmp_path))
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        if problem == "full":
+            fill(disk, 0)
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        out = disk / "seed0.json"
+        assert main(eval_args(store, reference, tmp_path / "p.yaml", out)) == 1
+        reason = "Read-only file system" if problem == "read-only" else "No space left on device"
+        assert (
+            f"{reason}; the results folder cannot take files, so no episode was run: '{disk}'" in caplog.text
+        )
+        assert list(tmp_path.glob("ran-*")) == [] and leftovers(disk) == []
