@@ -22,6 +22,7 @@ import numcodecs
 import numpy as np
 import zarr
 from difftori.datasets.episode_store import EPISODE_ENDS, EpisodeStore, StoreError
+from difftori.datasets.safeio import OutputLock, naming_path
 
 SCHEMA_VERSION = 1
 ATTRS_KEY = "difftori_inits"
@@ -83,22 +84,23 @@ class InitActionStore:
     def write(
         path: str | os.PathLike[str], actions: np.ndarray, episode_ends: np.ndarray, meta: InitMeta
     ) -> None:
-        """Write ``actions`` (T, K, H, Da) atomically."""
+        """Write ``actions`` (T, K, H, Da) atomically, holding ``<path>.lock``."""
         path = Path(path)
         if not np.isfinite(actions).all():
             raise StoreError(f"{path}: {KEY}: NaN or inf in the base policy's actions")
         partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        root = zarr.open_group(str(partial), mode="w", zarr_format=2)
-        comp = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
-        root.create_array(
-            KEY, data=actions.astype(np.float32), chunks=(4096, *actions.shape[1:]), compressors=comp
-        )
-        root.create_array(EPISODE_ENDS, data=np.asarray(episode_ends, np.int64), compressors=comp)
-        root.attrs[ATTRS_KEY] = asdict(meta)
-        if path.exists():
-            shutil.rmtree(path)
-        partial.rename(path)
+        with OutputLock(path), naming_path(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+            root = zarr.open_group(str(partial), mode="w", zarr_format=2)
+            comp = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+            root.create_array(
+                KEY, data=actions.astype(np.float32), chunks=(4096, *actions.shape[1:]), compressors=comp
+            )
+            root.create_array(EPISODE_ENDS, data=np.asarray(episode_ends, np.int64), compressors=comp)
+            root.attrs[ATTRS_KEY] = asdict(meta)
+            if path.exists():
+                shutil.rmtree(path)
+            partial.rename(path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self.meta)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from difftori.base_policies import load_policy
 from difftori.datasets.episode_store import EpisodeStore, StoreMeta
-from difftori.datasets.safeio import OutputLock
+from difftori.datasets.safeio import OutputLock, naming_path
 from difftori.eval.envs import make_env
 from difftori.eval.envs.multistep import MultiStepWrapper
 from difftori.eval.journal import EvalJournal, check_writable, checkpoint_digest
@@ -219,7 +219,8 @@ def _evaluate(
         config=asdict(cfg) | {"weights": "+".join(loaded)},  # the weights loaded
         episodes=records,
     )
-    result.write(out)
+    with naming_path(out):  # a full disk names the file; the journal keeps every record
+        result.write(out)
     journal.remove()
     _log_result(result, out)
     return result

@@ -359,9 +359,15 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def _check(args: argparse.Namespace) -> None:
     from difftori.base_policies.checkpoint import CONFIG, CheckpointError, read_checkpoint, verify_files
     from difftori.datasets.episode_store import EpisodeStore
+    from difftori.pipeline.params import load_params
 
     for path in args.paths:
-        if (path / CONFIG).is_file():
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: params file not found")
+            load_params(path)
+            log.info("%s: ok (every section, name and type valid)", path)
+        elif (path / CONFIG).is_file():
             ckpt = read_checkpoint(path)
             if ckpt.format_version < 2:
                 raise CheckpointError(f"{path / CONFIG}: format 1: no weights hashes recorded, cannot verify")
@@ -380,13 +386,16 @@ def _check(args: argparse.Namespace) -> None:
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
-        help="verify episode stores and checkpoints against their recorded checksums",
+        help="verify episode stores and checkpoints against their checksums, and params files",
         description="For each episode store: open and validate it (every chunk present, no NaN, one "
         "seed per episode) and verify every array against the sha256 recorded when it was written. "
         "For each checkpoint directory (config.json): verify every weights file against its "
-        "recorded sha256. Exits 1 at the first problem, naming the file and key.",
+        "recorded sha256. For each params file (.yaml): validate every section, name and type. "
+        "Exits 1 at the first problem, naming the file and key.",
     )
-    p.add_argument("paths", nargs="+", type=Path, help="episode stores (.zarr) or checkpoint directories")
+    p.add_argument(
+        "paths", nargs="+", type=Path, help="episode stores (.zarr), checkpoint directories, params files"
+    )
     p.set_defaults(func=_check)
 
 

@@ -29,6 +29,7 @@ from fault_helpers import FaultyEpisodes, expected_record
 from store_helpers import TINY_CONFIGS, small_episode, small_meta, write_policy_store
 
 TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 TRAIN = {"max_steps": 12, "batch_size": 16, "lr": 1e-3, "val_every_steps": 3, "num_threads": 1}
 
 
@@ -257,6 +258,9 @@ def test_misspelled_params_are_errors(store, tmp_path, caplog, edit, message):
     params = yaml.safe_load(write_params(tmp_path / "p.yaml").read_text())
     edit(params)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    assert main(["check", str(tmp_path / "p.yaml")]) == 1
+    assert f"p.yaml: {message}" in caplog.text
+    caplog.clear()
     out = tmp_path / "m"
     assert main(train_args(store, tmp_path / "p.yaml", out)) == 1
     assert f"p.yaml: {message}" in caplog.text
@@ -267,6 +271,11 @@ def test_misspelled_params_are_errors(store, tmp_path, caplog, edit, message):
         assert main([*cmd, *common, "--demos", str(store.path), "--out", str(tmp_path / "x")]) == 1
         assert message in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def test_shipped_params_files_are_valid_whole(caplog):
+    assert main(["check", str(ROOT / "params.yaml"), str(ROOT / "params-paper.yaml")]) == 0
+    assert main(["check", str(ROOT / "nope.yaml")]) == 1 and "nope.yaml: params file not found" in caplog.text
 
 
 # -- 5. checked resume state ----------------------------------------------------------------------
