@@ -136,8 +136,9 @@ def test_dvc_repro_end_to_end(tmp_path):
     params["refiner_configs"]["residual"]["hidden"] = [8]
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     out = _run(["dvc", "status"], repo).splitlines()
-    changed = [line.rstrip(":") for line in out if line and not line[0].isspace()]
-    assert len(changed) == 1 and changed[0].startswith("train-refiner@") and "residual" in changed[0], out
+    changed = sorted(line.rstrip(":") for line in out if line and not line[0].isspace())
+    assert len(changed) == 2 and changed[0] == "check-params", out  # revalidates any params change
+    assert changed[1].startswith("train-refiner@") and "residual" in changed[1], out
 
     # swapping the base policy is a params override; dvc exp show lists the experiment
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY))
