@@ -33,6 +33,12 @@ ROOT = TESTS.parent
 TRAIN = {"max_steps": 12, "batch_size": 16, "lr": 1e-3, "val_every_steps": 3, "num_threads": 1}
 
 
+@pytest.fixture(autouse=True)
+def _scratch_cwd(tmp_path_factory, monkeypatch):
+    """CLI defaults (e.g. evaluate's results/videos/...) land in a scratch folder, not the repo."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def run_cli(*args: str, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "difftori.pipeline.cli", *args], capture_output=True, text=True, **kw
