@@ -17,7 +17,7 @@ from difftori.datasets.episode_store import EpisodeStore
 from difftori.datasets.init_action_store import InitActionStore
 from difftori.datasets.safeio import OutputLock, array_sha256
 from difftori.datasets.windows import InitActionWindows, WindowDataset
-from difftori.pipeline.train_base import TRAINING_CODE, split_episodes
+from difftori.pipeline.train_base import TRAINING_CODE, rollout_callbacks, split_episodes
 from difftori.pipeline.training import LitTrainer, TrainConfig, fit, run_state, save_trained
 from difftori.refiners import REFINERS
 
@@ -32,6 +32,17 @@ def base_split(inits: InitActionStore, n_episodes: int, cfg: TrainConfig) -> tup
         return summary["train_episodes"], summary["val_episodes"]
     except (ValueError, KeyError, OSError):
         return split_episodes(n_episodes, cfg.val_episodes, cfg.seed)
+
+
+def refiner_rollouts(demos: Path, base: str, weights: str, cfg: TrainConfig) -> list[Any]:
+    """Rollout callbacks (``cfg.rollout_every_steps``) of the refiner on its frozen base."""
+    if not cfg.rollout_every_steps:
+        return []
+    from difftori.base_policies import load_policy
+    from difftori.refiners import RefinedPolicy
+
+    frozen = load_policy(base, weights).eval()
+    return rollout_callbacks(demos, cfg, wrap=lambda refiner: RefinedPolicy(frozen, refiner))
 
 
 def train_refiner(
@@ -111,8 +122,11 @@ def _train_refiner(
     data_digests = {"demos": data_digest, "init_actions": array_sha256(init_actions)}
     code = (*TRAINING_CODE, "difftori.refiners", "difftori.pipeline.train_refiner")
     state = run_state(task, model, cfg, (train_eps, val_eps), data_digests, code)
-    summary = fit(lit, train, val, work, progress=progress, state=state, restart=restart)
+    callbacks = refiner_rollouts(demos, inits.meta.checkpoint, inits.meta.weights, cfg)
+    summary = fit(lit, train, val, work, progress=progress, state=state, restart=restart, callbacks=callbacks)
     summary |= {"train_episodes": train_eps, "val_episodes": val_eps}
+    if callbacks:
+        summary["rollouts"] = callbacks[0].history
     if hasattr(refiner, "cholesky_failures"):
         summary["cholesky_failures"] = int(refiner.cholesky_failures)
     info = {

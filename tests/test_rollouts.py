@@ -56,3 +56,35 @@ def test_rollouts_match_an_evaluation_of_the_saved_checkpoint(demos, tmp_path):
     assert last["rollout/success_rate"] == sum(r.success for r in records) / 2
     assert last["rollout/return"] == pytest.approx(sum(r.ret for r in records) / 2, rel=1e-6)
     assert last["rollout/return"] > 0  # MetaWorld's shaped reward: a real trajectory was scored
+
+
+def test_refiner_rollouts_use_the_frozen_base(demos, tmp_path):
+    """``train_refiner.rollout_every_steps`` rolls out RefinedPolicy(frozen base, refiner); the last
+    rollout equals an evaluation of the two saved checkpoints."""
+    from difftori.datasets.episode_store import EpisodeStore
+    from difftori.eval.evaluate import episode_seeds, make_eval_env, run_policy_episodes
+    from difftori.pipeline.init_actions import compute_init_actions
+    from difftori.pipeline.train_refiner import train_refiner
+    from difftori.refiners import REFINERS, RefinedPolicy
+
+    _train(demos, tmp_path / "base")
+    compute_init_actions(demos, tmp_path / "base", tmp_path / "inits.zarr", samples=2)
+    small = {"encoder": TINY_CONFIGS["dp3"]["encoder"], "hidden": [16]}
+    cfg = TrainConfig(
+        max_steps=4,
+        batch_size=16,
+        val_every_steps=4,
+        num_threads=1,
+        rollout_every_steps=4,
+        rollout_episodes=2,
+    )
+    summary = train_refiner(
+        "reach", "residual", demos, tmp_path / "inits.zarr", tmp_path / "ref", small, cfg, progress=False
+    )
+    assert [h["step"] for h in summary["rollouts"]] == [4]
+    policy = RefinedPolicy(load_policy(tmp_path / "base"), REFINERS.load(tmp_path / "ref")).eval()
+    meta = EpisodeStore(demos).meta
+    seeds = episode_seeds(cfg.rollout_seed, 2, exclude=set(meta.episode_seeds))
+    records = run_policy_episodes([make_eval_env(meta, STEPS, 2)], policy, list(enumerate(seeds)))
+    expected = sum(r.ret for r in records) / 2
+    assert summary["rollouts"][0]["rollout/return"] == pytest.approx(expected, rel=1e-6)
