@@ -171,7 +171,8 @@ def init_actions_stage(
     folds = None
     work = out.with_name(out.name + ".work")
     if cfg.cross_fit:
-        train_cfg = train_cfg or TrainConfig()
+        if train_cfg is None:  # the fold bases must train as the checkpoint did, never on defaults
+            raise ValueError("init_actions.cross_fit needs the base's training config (train_base)")
         folds = train_fold_bases(task, demos, model, work, cfg.cross_fit, policy_config, train_cfg)
     store = compute_init_actions(
         demos, model, out, cfg.samples, cfg.seed + seed, cfg.batch_size, cfg.weights, folds
