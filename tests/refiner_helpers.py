@@ -10,7 +10,7 @@ WINDOW = {"horizon": 1, "n_obs_steps": 1, "n_action_steps": 1, "encoder": {"lowd
 SMALL = {
     "difftori": WINDOW | {"hidden": [64, 64], "latent_dim": 4, "state_dim": 16, "objective_dim": 8},
     "residual": WINDOW | {"hidden": [64, 64]},
-    "ibc": WINDOW | {"hidden": [64, 64], "dfo_noise": 0.05},
+    "ibc": WINDOW | {"hidden": [64, 64], "dfo_noise": 0.05, "perturbed_negatives": 64},
 }
 BIAS = np.array([0.3, -0.2])
 
