@@ -217,7 +217,7 @@ def _add_init_actions(sub: argparse._SubParsersAction) -> None:
 
 def _train_refiner(args: argparse.Namespace) -> None:
     from difftori.base_policies.configs import config_from_dict
-    from difftori.pipeline.params import load_params, section
+    from difftori.pipeline.params import load_params, refiner_config, section
     from difftori.pipeline.train_refiner import train_refiner
     from difftori.pipeline.training import TrainConfig
 
@@ -232,7 +232,7 @@ def _train_refiner(args: argparse.Namespace) -> None:
         demos=args.demos or paths.demos(args.task),
         inits_path=args.inits or paths.init_actions(args.task, args.policy, cfg.seed),
         out=args.out or paths.refiner_model(args.task, args.policy, args.refiner, cfg.seed),
-        refiner_config=section(params, "refiner_configs", args.refiner),
+        refiner_config=refiner_config(params, args.refiner),
         cfg=cfg,
         progress=not args.no_progress,
         logs=args.logs
@@ -277,7 +277,7 @@ def _add_train_refiner(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from difftori.base_policies.configs import config_from_dict
     from difftori.eval.evaluate import EvalConfig, evaluate
-    from difftori.pipeline.params import load_params, section
+    from difftori.pipeline.params import load_params, refiner_config, section
 
     params = load_params(args.params)
     overrides = {k: v for k, v in (("episodes", args.episodes), ("workers", args.workers)) if v is not None}
@@ -288,7 +288,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     refiner = None
     if refined:
         refiner = args.refiner_model or paths.refiner_model(args.task, args.policy, args.refiner, args.seed)
-        kind = section(params, "refiner_configs", args.refiner).get("type", args.refiner)
+        kind = refiner_config(params, args.refiner)["type"]
         _check_checkpoint_name(refiner, "refiner", kind, "--refiner")
     evaluate(
         demos=args.demos or paths.demos(args.task),
@@ -399,6 +399,57 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_check)
 
 
+def _inspect_refiner(args: argparse.Namespace) -> None:
+    from difftori.pipeline.inspect_refiner import default_out, inspect_refiner
+
+    name = f"{args.policy}-{args.refiner}"
+    inspect_refiner(
+        checkpoint=args.checkpoint or paths.refiner_model(args.task, args.policy, args.refiner, args.seed),
+        demos=args.demos or paths.demos(args.task),
+        inits_path=args.inits or paths.init_actions(args.task, args.policy, args.seed),
+        step=args.step,
+        out=args.out or default_out(args.task, args.policy, args.refiner, args.seed, args.step),
+        dims=tuple(args.dims) if args.dims else None,
+        samples=args.samples,
+        seed=args.sample_seed,
+        title=f"{args.task}: {name} seed{args.seed}, demo step {args.step}",
+    )
+
+
+def _add_inspect_refiner(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect-refiner",
+        help="draw a DiffTORI refiner's learned objective and LM paths at one demo step",
+        description="For a few prior latents z~ ~ N(0, I), draw the learned objective (anchor "
+        "excluded) on a 2-D slice of the normalised action window through the base window (the two "
+        "coordinates that vary most across the store's expert windows, or --dims), the "
+        "Levenberg-Marquardt path from the start to the solution, and the base, start, solution and "
+        "expert windows; with anchor 'base' a second row draws objective + anchor. Writes a PNG "
+        "(default results/inspect/<task>/<policy>-<refiner>/seed<k>/step<N>.png) and the numbers "
+        "drawn in a JSON beside it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
+    p.add_argument("--policy", required=True, help="base policy name")
+    p.add_argument("--refiner", default="difftori", help="refiner name (a DiffTORI refiner or variant)")
+    p.add_argument("--step", type=int, required=True, help="global step of the demo store")
+    p.add_argument("--seed", type=int, default=0, help="training seed k of the checkpoints")
+    p.add_argument("--dims", type=int, nargs=2, metavar=("I", "J"), help="flat window coordinates to draw")
+    p.add_argument("--samples", type=int, default=3, help="prior samples z~ (one column each)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the generator drawing z~")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="refiner checkpoint (default models/<task>/<policy>-<refiner>/seed<k>)",
+    )
+    p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
+    p.add_argument(
+        "--inits", type=Path, help="init actions (default data/inits/<task>/<policy>/seed<k>.zarr)"
+    )
+    p.add_argument("--out", type=Path, help="PNG to write (the JSON goes beside it)")
+    p.set_defaults(func=_inspect_refiner)
+
+
 # Each entry adds one subcommand (one pipeline stage; ``check`` verifies outputs).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demos,
@@ -408,6 +459,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_evaluate,
     _add_report,
     _add_check,
+    _add_inspect_refiner,
 ]
 
 

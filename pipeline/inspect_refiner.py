@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from difftori.base_policies.base import Obs, randn
+from difftori.base_policies.base import Obs
 from difftori.datasets.episode_store import ACTION_KEY, EpisodeStore
 from difftori.datasets.init_action_store import InitActionStore
 from difftori.datasets.safeio import atomic_write_text
@@ -117,8 +117,7 @@ def _draw(
     from ``Generator().manual_seed(seed)`` with ``samples`` prior samples."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        start = refiner.initial(base_window[None], gen).repeat_interleave(samples, 0)
-        z_lat = randn(1, samples, refiner.config.latent_dim, generator=gen).flatten(0, 1)
+        z_lat, start = refiner.draw(base_window[None], samples, gen)
         z_s = refiner.encode_obs(obs).repeat_interleave(samples, 0)
         base = refiner.to_flat(base_window[None]).expand(samples, -1)
         return start, z_lat, refiner.context(z_lat, z_s, base)

@@ -40,6 +40,28 @@ def section(params: dict[str, Any], *keys: str) -> dict[str, Any]:
     return dict(node)
 
 
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def refiner_config(params: dict[str, Any], name: str) -> dict[str, Any]:
+    """The config of refiner ``name`` with its ``type``: a registered refiner's own
+    ``refiner_configs.<name>``, or a variant ``{type: <refiner>, ...}`` laid over its type's
+    ``refiner_configs.<type>`` (nested keys merged), so a variant changes only what it names."""
+    own = section(params, "refiner_configs", name)
+    kind = own.pop("type", name)
+    if kind == name:
+        return own | {"type": kind}
+    if "type" in section(params, "refiner_configs", kind):
+        raise ValueError(f"params: refiner_configs.{name}: its type {kind!r} is itself a variant")
+    return _merged(section(params, "refiner_configs", kind), own) | {"type": kind}
+
+
 # The top-level sections of a params file (name -> what it holds); any other name is an error.
 SECTIONS: dict[str, str] = {
     "suite": "simulator suite (str)",
@@ -105,10 +127,11 @@ def _check_named_configs(params: dict[str, Any], where: str) -> set[str]:
             _registered(name, POLICIES, f"base_checkpoints.{task}.{name}", "base policy", where)
     variants = set(REFINERS)
     for name in section(params, "refiner_configs"):
-        cfg = section(params, "refiner_configs", name)
-        kind = cfg.pop("type", name)
+        kind = section(params, "refiner_configs", name).get("type", name)
         key = f"refiner_configs.{name}" + (".type" if kind != name else "")
         _registered(kind, REFINERS, key, "refiner", where, " (a variant names its type: {type: ibc, ...})")
+        cfg = refiner_config(params, name)
+        cfg.pop("type")
         config_from_dict(REFINERS[kind].config_cls, cfg, f"{where}: refiner_configs.{name}")
         variants.add(name)
     return variants

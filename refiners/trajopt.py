@@ -16,10 +16,19 @@ Two backends compute the same iterates:
   clamped to [1e-7, 1e7]), per-sample convergence masks (abs/rel error change), up to three
   all-rejected retries, and the backward modes below. A test checks both backends agree.
 
-Backward modes: ``unroll`` (autograd through every iteration), ``truncated`` (no-grad
-iterations, then autograd through the last ``backward_iterations``), ``implicit`` (no-grad
-iterations, then one Gauss-Newton step with step size 1 whose Hessian is detached: its gradient
-is the implicit-function gradient of a converged solution).
+Backward modes: ``unroll`` (autograd through every iteration), ``truncated`` (up to
+``max_iterations - backward_iterations`` no-grad iterations, which may stop at convergence, then
+exactly ``backward_iterations`` differentiated LM iterations with the fixed ``damping``, never
+rejected and never stopped early, in both backends: a converged solve still gets the truncated
+implicit gradient instead of Theseus's zero), ``implicit`` (no-grad iterations, then one
+Gauss-Newton step with step size 1 whose Hessian is detached: its gradient is the
+implicit-function gradient of a converged solution). ``iterations`` counts LM iterations run,
+differentiated ones included, the same way in both backends.
+
+Bounded steps (``max_step_norm > 0``, torch backend): each LM step (and the implicit mode's final
+Gauss-Newton step) is scaled down to at most that norm per sample, and its gain ratio uses the
+quadratic model of the scaled step. This is a trust
+region: it limits how far one solve can move, not where the optimum is.
 
 A Cholesky failure never crashes training: the damping of the failing samples is raised tenfold
 and the solve retried; samples that still fail take no step. Failures are counted in the result.
@@ -59,14 +68,19 @@ class TrajOptConfig:
     backward_iterations: int = 5  # truncated mode: iterations differentiated
     abs_err_tolerance: float = 1e-10  # Theseus's defaults
     rel_err_tolerance: float = 1e-8
+    max_step_norm: float = 0.0  # > 0: bounded LM steps (a trust region; torch backend only)
 
     def __post_init__(self) -> None:
         if self.backend not in ("torch", "theseus"):
             raise ValueError(f"backend must be 'torch' or 'theseus', got {self.backend!r}")
         if self.backward_mode not in BACKWARD_MODES:
             raise ValueError(f"backward_mode must be one of {BACKWARD_MODES}, got {self.backward_mode!r}")
-        if self.max_iterations < 1 or self.step_size <= 0 or self.damping <= 0:
-            raise ValueError("need max_iterations >= 1, step_size > 0, damping > 0")
+        if self.max_iterations < 1 or self.step_size <= 0 or self.damping <= 0 or self.max_step_norm < 0:
+            raise ValueError("need max_iterations >= 1, step_size > 0, damping > 0, max_step_norm >= 0")
+        if self.max_step_norm > 0 and self.backend != "torch":
+            raise ValueError(
+                "max_step_norm (bounded steps) needs backend 'torch'; Theseus's LM has no trust region"
+            )
 
     @property
     def grad_iterations(self) -> int:
@@ -174,6 +188,24 @@ def _cholesky_solve(
     return x, failures
 
 
+def _bounded(step: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``step`` scaled down per sample to norm <= ``max_norm`` (0: unchanged)."""
+    if max_norm <= 0:
+        return step
+    norm = step.norm(dim=1, keepdim=True)
+    return step * torch.clamp(max_norm / norm.clamp_min(1e-30), max=1.0)
+
+
+def _predicted_decrease(
+    step: torch.Tensor, damping: torch.Tensor, AtA: torch.Tensor, Atb: torch.Tensor, bounded: bool
+) -> torch.Tensor:
+    """The gain ratio's denominator: Theseus's ``step.(damping step + Atb) / 2`` for LM steps, the
+    quadratic model's decrease ``step.Atb - step.AtA.step / 2`` for bounded (scaled) steps."""
+    if not bounded:
+        return (step * (damping.view(-1, 1) * step + Atb)).sum(dim=1) / 2
+    return (step * Atb).sum(1) - (step.unsqueeze(1) @ AtA @ step.unsqueeze(-1)).view(-1) / 2
+
+
 def _lm_loop(
     residual_fn: ResidualFn,
     jacobian_fn: JacobianFn,
@@ -182,34 +214,37 @@ def _lm_loop(
     cfg: TrajOptConfig,
     damping: torch.Tensor,
     num_iter: int,
-    gauss_newton_step: bool,
+    phase: str = "solve",
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Theseus's ``_optimize_loop`` for LM; returns (x, damping, iterations done, Cholesky failures)."""
+    """Theseus's ``_optimize_loop`` for LM; returns (x, damping, iterations done, Cholesky failures).
+
+    ``phase``: ``solve`` (adaptive damping, bounded steps, stops at convergence), ``fixed``
+    (truncated backward: fixed damping, every step taken, no early stop) or ``gauss_newton``
+    (implicit backward: one GN step, detached Hessian, step size 1)."""
+    adaptive = cfg.adaptive_damping and phase == "solve"
     converged = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     with torch.no_grad():
         last_err = _error(residual_fn(x, ctx))
-    it = done = failures = rejected_rounds = 0
+    it = failures = rejected_rounds = 0
     while it < num_iter:
         r, J = jacobian_fn(x, ctx)
         Jt = J.transpose(1, 2)
         AtA = Jt @ J
         Atb = -(Jt @ r.unsqueeze(-1)).squeeze(-1)
-        if gauss_newton_step:  # implicit differentiation: GN step, detached Hessian, step size 1
-            delta, f = _cholesky_solve(AtA.detach(), Atb, None)
-            step = delta
+        if phase == "gauss_newton":
+            step, f = _cholesky_solve(AtA.detach(), Atb, None)
+            step = _bounded(step, cfg.max_step_norm)
         else:
-            delta, f = _cholesky_solve(
-                AtA, Atb, damping if cfg.adaptive_damping else torch.full_like(damping, cfg.damping)
-            )
-            step = delta * cfg.step_size
+            lam = damping if adaptive else torch.full_like(damping, cfg.damping)
+            delta, f = _cholesky_solve(AtA, Atb, lam)
+            step = _bounded(delta * cfg.step_size, cfg.max_step_norm if phase == "solve" else 0.0)
         failures += f
-        mask = converged.unsqueeze(-1) if not gauss_newton_step else torch.zeros_like(converged).unsqueeze(-1)
-        x_new = torch.where(mask, x, x + step)
+        x_new = torch.where(converged.unsqueeze(-1), x, x + step)
         with torch.no_grad():
             err = _error(residual_fn(x_new, ctx))
-        if cfg.adaptive_damping and not gauss_newton_step:
+        if adaptive:
             with torch.no_grad():
-                den = (step * (damping.view(-1, 1) * step + Atb)).sum(dim=1) / 2
+                den = _predicted_decrease(step, damping, AtA, Atb, cfg.max_step_norm > 0)
                 reject = (last_err - err) / den <= _ACCEPT
                 damping = torch.where(reject, damping * _UP, damping / _DOWN).clamp(
                     _MIN_DAMPING, _MAX_DAMPING
@@ -227,37 +262,38 @@ def _lm_loop(
         else:
             x = x_new
         rejected_rounds = 0
-        with torch.no_grad():
-            if err.abs().mean() < cfg.abs_err_tolerance:
-                converged = torch.ones_like(converged)
-            else:
-                change = err - last_err
-                converged = (change.abs() < cfg.abs_err_tolerance) | (
-                    (change / last_err).abs() < cfg.rel_err_tolerance
-                )
+        it += 1
+        if phase == "solve":
+            with torch.no_grad():
+                converged = _converged(err, last_err, cfg)
             if converged.all():
                 break
-            last_err = err
-        done += 1
-        it += 1
-    return x, damping, done, failures
+        last_err = err
+    return x, damping, it, failures
+
+
+def _converged(err: torch.Tensor, last_err: torch.Tensor, cfg: TrajOptConfig) -> torch.Tensor:
+    """Theseus's per-sample test: mean error below the absolute tolerance (all), or a small change."""
+    if err.abs().mean() < cfg.abs_err_tolerance:
+        return torch.ones_like(err, dtype=torch.bool)
+    change = err - last_err
+    return (change.abs() < cfg.abs_err_tolerance) | ((change / last_err).abs() < cfg.rel_err_tolerance)
 
 
 def _solve_torch(
     residual_fn: ResidualFn, jacobian_fn: JacobianFn, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrajOptConfig
 ) -> TrajOptResult:
     damping = torch.full((x0.shape[0],), cfg.damping, dtype=x0.dtype, device=x0.device)
+    if cfg.backward_mode == "unroll":
+        x, _, iters, failures = _lm_loop(residual_fn, jacobian_fn, x0, ctx, cfg, damping, cfg.max_iterations)
+        return TrajOptResult(x, iters, failures)
     k = cfg.grad_iterations
-    iters = failures = 0
-    x = x0
-    if cfg.backward_mode != "unroll":
-        with torch.no_grad():
-            x, damping, iters, failures = _lm_loop(
-                residual_fn, jacobian_fn, x0.detach(), ctx, cfg, damping, cfg.max_iterations - k, False
-            )
-    x, damping, more, f = _lm_loop(
-        residual_fn, jacobian_fn, x, ctx, cfg, damping, k, gauss_newton_step=cfg.backward_mode == "implicit"
-    )
+    with torch.no_grad():
+        x, damping, iters, failures = _lm_loop(
+            residual_fn, jacobian_fn, x0.detach(), ctx, cfg, damping, cfg.max_iterations - k
+        )
+    phase = "gauss_newton" if cfg.backward_mode == "implicit" else "fixed"
+    x, _, more, f = _lm_loop(residual_fn, jacobian_fn, x, ctx, cfg, damping, k, phase)
     return TrajOptResult(x, iters + more, failures + f)
 
 
@@ -265,12 +301,37 @@ def _solve_torch(
 def _solve_theseus(
     residual_fn: ResidualFn, x0: torch.Tensor, ctx: torch.Tensor, cfg: TrajOptConfig
 ) -> TrajOptResult:
+    """Theseus's LM; truncated mode as two Theseus solves (no-grad, then the fixed-damping unroll)."""
+    if cfg.backward_mode != "truncated":
+        return _theseus_phase(residual_fn, x0, ctx, cfg, cfg.max_iterations, {})
+    k = cfg.grad_iterations
+    first = TrajOptResult(x0.detach(), 0, 0)
+    if cfg.max_iterations > k:
+        with torch.no_grad():
+            plain = {"backward_mode": "unroll"}  # one plain loop (no graph is recorded here)
+            first = _theseus_phase(residual_fn, x0.detach(), ctx, cfg, cfg.max_iterations - k, plain)
+    fixed = {"backward_mode": "unroll", "adaptive_damping": False, "tolerance": 0.0}
+    second = _theseus_phase(residual_fn, first.x.detach(), ctx, cfg, k, fixed)
+    return TrajOptResult(second.x, first.iterations + k, first.cholesky_failures + second.cholesky_failures)
+
+
+def _theseus_phase(
+    residual_fn: ResidualFn,
+    x0: torch.Tensor,
+    ctx: torch.Tensor,
+    cfg: TrajOptConfig,
+    iterations: int,
+    over: dict,
+) -> TrajOptResult:
+    """One Theseus LM solve of up to ``iterations``; ``over`` overrides backward mode, adaptive
+    damping and tolerances (``tolerance: 0`` never stops early). Cholesky failures raise the damping."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 warnings inside theseus
         import theseus as th
 
         with torch.no_grad():
             dim = residual_fn(x0[:1], ctx[:1]).shape[1]
+        tol = over.get("tolerance")
         damping, failures = cfg.damping, 0
         for _ in range(_RETRIES + 1):
             x = th.Vector(tensor=x0.clone(), name="x")
@@ -286,15 +347,15 @@ def _solve_theseus(
             optimizer = th.LevenbergMarquardt(
                 objective,
                 th.CholeskyDenseSolver,
-                max_iterations=cfg.max_iterations,
+                max_iterations=iterations,
                 step_size=cfg.step_size,
-                abs_err_tolerance=cfg.abs_err_tolerance,
-                rel_err_tolerance=cfg.rel_err_tolerance,
+                abs_err_tolerance=cfg.abs_err_tolerance if tol is None else tol,
+                rel_err_tolerance=cfg.rel_err_tolerance if tol is None else tol,
             )
             kwargs = dict(
                 damping=damping,
-                adaptive_damping=cfg.adaptive_damping,
-                backward_mode=cfg.backward_mode,
+                adaptive_damping=over.get("adaptive_damping", cfg.adaptive_damping),
+                backward_mode=over.get("backward_mode", cfg.backward_mode),
                 backward_num_iterations=cfg.grad_iterations,
                 verbose=False,
             )
@@ -303,13 +364,21 @@ def _solve_theseus(
             except RuntimeError as e:  # "linalg.cholesky ... not positive-definite"
                 if "cholesky" not in str(e).lower() and "linear" not in str(e).lower():
                     raise
-                failures += x0.shape[0]
-                damping *= 10
+                failures, damping = failures + x0.shape[0], damping * 10
                 continue
             if (info.status == th.NonlinearOptimizerStatus.FAIL).any():
-                failures += x0.shape[0]
-                damping *= 10
+                failures, damping = failures + x0.shape[0], damping * 10
                 continue
-            iters = int(torch.as_tensor(info.converged_iter).clamp_min(0).max()) or cfg.max_iterations
-            return TrajOptResult(sol["x"], iters, failures)
+            mode = kwargs["backward_mode"]
+            return TrajOptResult(sol["x"], _theseus_iterations(info, iterations, mode), failures)
     return TrajOptResult(x0, 0, failures)
+
+
+def _theseus_iterations(info: object, iterations: int, backward_mode: str) -> int:
+    """Iterations run, counted as the torch backend does: all of them unless every sample
+    converged, and the implicit mode's final Gauss-Newton step included."""
+    import theseus as th
+
+    if (info.status != th.NonlinearOptimizerStatus.CONVERGED).any():
+        return iterations
+    return int(torch.as_tensor(info.converged_iter).max()) + (backward_mode == "implicit")

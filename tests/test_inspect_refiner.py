@@ -76,8 +76,8 @@ def test_path_runs_from_the_start_to_decodes_solution(toy, init):
     _, obs, base, expert = toy
     out = inspect_window(refiner, obs, base, expert, (0, 1), samples=SAMPLES, seed=2)
     gen = torch.Generator().manual_seed(2)
+    z_lat = torch.randn(SAMPLES, refiner.config.latent_dim, generator=gen)  # refine: latents first
     start = refiner.initial(base[None], gen).repeat(SAMPLES, 1)
-    z_lat = torch.randn(SAMPLES, refiner.config.latent_dim, generator=gen)
     z_s = refiner.encode_obs(obs).repeat(SAMPLES, 1)
     base_flat = refiner.to_flat(base[None]).repeat(SAMPLES, 1)
     with torch.no_grad():

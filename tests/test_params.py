@@ -1,5 +1,6 @@
 """Both shipped params files are valid: every section builds its typed config, every task exists."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from difftori.base_policies import POLICIES
 from difftori.base_policies.configs import config_from_dict
 from difftori.eval.envs.metaworld_env import resolve_task
 from difftori.eval.evaluate import EvalConfig
+from difftori.pipeline.params import refiner_config
 from difftori.pipeline.training import TrainConfig
 from difftori.refiners import REFINERS
 
@@ -26,10 +28,51 @@ def test_params_file_is_valid(name):
     for policy in p["base_policies"]:
         cls = POLICIES.get_class(policy)
         config_from_dict(cls.config_cls, p["policies"].get(policy) or {})
-    for refiner in p["refiners"]:
-        cfg = dict(p["refiner_configs"].get(refiner) or {})
-        cls = REFINERS.get_class(cfg.pop("type", refiner))
+    for refiner in [*p["refiners"], *p["refiner_configs"]]:
+        cfg = refiner_config(p, refiner)
+        cls = REFINERS.get_class(cfg.pop("type"))
         config_from_dict(cls.config_cls, cfg)
+
+
+def _flat(config: object, prefix: str = "") -> dict[str, object]:
+    """A config dataclass as ``{dotted.field: value}``."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _flat(value, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml"])
+def test_variants_change_only_what_they_name(name):
+    """Every named variant's resolved config equals its type's, except the fields it names."""
+    p = yaml.safe_load((ROOT / name).read_text())
+    variants = {k: v for k, v in p["refiner_configs"].items() if "type" in v}
+    assert variants
+    for variant, own in variants.items():
+        kind = own["type"]
+        cls = REFINERS.get_class(kind).config_cls
+        base = _flat(config_from_dict(cls, _no_type(p, kind)))
+        resolved = _flat(config_from_dict(cls, _no_type(p, variant)))
+        named = set(_flat_keys({k: v for k, v in own.items() if k != "type"}))
+        changed = {k for k in resolved if resolved[k] != base[k]}
+        assert changed <= named, (variant, changed, named)
+
+
+def _no_type(p: dict, name: str) -> dict:
+    cfg = refiner_config(p, name)
+    cfg.pop("type")
+    return cfg
+
+
+def _flat_keys(d: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in d.items():
+        keys += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return keys
 
 
 def test_paper_params_match_the_paper():

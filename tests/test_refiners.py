@@ -67,7 +67,7 @@ def test_difftori_closed_form_jacobian_matches_forward_mode():
 @pytest.mark.parametrize("init", ["zero", "random"])
 def test_difftori_init_options(init, tmp_path):
     data = biased_data(64, seed=0)
-    refiner = train(make("difftori", data, init=init), data, steps=3)
+    refiner = train(make("difftori", data, init=init, anchor="none", proximity_weight=0.0), data, steps=3)
     refiner.save(tmp_path / "r")
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["init"] == init
     loaded = REFINERS.load(tmp_path / "r")
@@ -76,9 +76,85 @@ def test_difftori_init_options(init, tmp_path):
     a = loaded.refine(data["obs"], data["init_action"][:, 0], gen())
     b = refiner.refine(data["obs"], data["init_action"][:, 0], gen())
     torch.testing.assert_close(a, b)
-    # the base action is ignored: the same output from a different base action
+    # without an anchor the base action is ignored: the same output from a different base action
     c = loaded.refine(data["obs"], data["init_action"][:, 0] + 0.5, gen())
     torch.testing.assert_close(a, c)
+
+
+def _solver_inputs(refiner, data: dict, monkeypatch) -> dict:
+    """The (x0, ctx) one refine() call hands the solver, and its residual rows at x0."""
+    import difftori.refiners.difftori as module
+    from difftori.refiners.trajopt import solve
+
+    seen = {}
+
+    def spy(residual_fn, x0, ctx, cfg, jacobian_fn=None):
+        seen.update(x0=x0.clone(), ctx=ctx.clone(), rows=residual_fn(x0, ctx).detach())
+        return solve(residual_fn, x0, ctx, cfg, jacobian_fn)
+
+    monkeypatch.setattr(module, "solve", spy)
+    refiner.refine(data["obs"], data["init_action"][:, 0], torch.Generator().manual_seed(1))
+    return seen
+
+
+@pytest.mark.parametrize("init", ["zero", "random"])
+def test_init_variant_changes_only_where_the_solve_starts(init, monkeypatch):
+    """The paper's Tables 4-5: the same network, only x0 differs; the anchor stays the base window."""
+    data = biased_data(16, seed=0)
+    base = make("difftori", data)
+    variant = make("difftori", data, init=init)
+    variant.load_state_dict(base.state_dict())
+    a, b = _solver_inputs(base, data, monkeypatch), _solver_inputs(variant, data, monkeypatch)
+    torch.testing.assert_close(a["ctx"], b["ctx"])  # same latent, state and anchor (the base window)
+    torch.testing.assert_close(a["x0"], base.to_flat(data["init_action"][:, 0]))
+    assert (a["x0"] - b["x0"]).abs().min() > 0
+    if init == "zero":
+        torch.testing.assert_close(b["x0"], base.to_flat(torch.zeros_like(data["init_action"][:, 0])))
+
+
+def test_anchor_none_removes_only_the_anchor_rows(monkeypatch):
+    data = biased_data(16, seed=0)
+    base = make("difftori", data)
+    free = make("difftori", data, anchor="none", proximity_weight=0.0)
+    free.load_state_dict(base.state_dict())
+    a, b = _solver_inputs(base, data, monkeypatch), _solver_inputs(free, data, monkeypatch)
+    torch.testing.assert_close(a["x0"], b["x0"])
+    rows = base.objective_dim
+    assert a["rows"].shape[1] == rows + base.chunk_dim and b["rows"].shape[1] == rows
+    torch.testing.assert_close(a["rows"][:, :rows], b["rows"])
+    assert base.method_label("DP3") == "DiffTORI (anchor 0.1) + DP3"
+    assert free.method_label("DP3") == "DiffTORI + DP3"
+    with pytest.raises(ValueError, match="anchor 'none' needs proximity_weight 0"):
+        make("difftori", data, anchor="none")
+
+
+def test_objective_dim_defaults_to_three_windows():
+    data = biased_data(8, seed=0)
+    refiner = make("difftori", data, objective_dim=0)
+    assert refiner.objective_dim == 3 * refiner.chunk_dim
+    assert refiner.objective[-1].out_features == 3 * refiner.chunk_dim
+
+
+def test_samples_select_on_the_learned_objective_alone(monkeypatch):
+    """With several prior samples the window with the lowest learned objective wins, whatever its
+    anchor cost: the anchor rows are excluded from the selection."""
+    data = biased_data(6, seed=0)
+    refiner = make("difftori", data, samples=3)
+    d = refiner.chunk_dim
+    # candidates per item: far from the base with a low objective (k=1) vs at the base (k=0, 2)
+    windows = torch.stack([torch.zeros(6, d), torch.full((6, d), 5.0), torch.ones(6, d)], 1).flatten(0, 1)
+    costs = torch.tensor([1.0, 0.5, 2.0]).repeat(6)
+    monkeypatch.setattr(refiner, "decode", lambda *a: (windows, costs))
+    out = refiner.refine(data["obs"], data["init_action"][:, 0], torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, refiner.from_flat(torch.full((6, d), 5.0)))
+    # decode's cost is the objective rows' sum of squares, not the anchor's
+    refiner = make("difftori", data)
+    z_lat, z_s = torch.randn(6, refiner.config.latent_dim), refiner.encode_obs(data["obs"])
+    x, ctx = torch.randn(6, d), refiner.context(z_lat, z_s, torch.zeros(6, d))
+    full = (refiner.residual(x, ctx) ** 2).sum(-1)
+    objective = (refiner.residual(x, ctx)[:, : refiner.objective_dim] ** 2).sum(-1)
+    torch.testing.assert_close(refiner.objective_value(x, ctx), objective)
+    assert (full - objective).min() > 0
 
 
 @pytest.mark.parametrize("name", ["difftori", "residual", "ibc"])

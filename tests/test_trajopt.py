@@ -141,3 +141,67 @@ def test_closed_form_jacobian_gives_the_same_solution_and_gradients(mode):
         out.append([x.detach(), *[p.grad.clone() for p in net.parameters()], ctx.grad.clone()])
     for a, b in zip(*out, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_truncated_backward_after_convergence_agrees_across_backends():
+    """DiffTORI's shape (H = 1, 4 x 4 window, 48 objective rows, the anchor): the no-grad phase
+    converges before the differentiated iterations. Both backends then still take exactly k
+    fixed-damping steps, report the same iteration count, and give the same non-zero gradients
+    (Theseus's own truncated mode returned exactly 0 for such a sample)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16 + 8, 64), torch.nn.ELU(), torch.nn.Linear(64, 48)).double()
+    x0 = 0.1 * torch.randn(5, 16, dtype=torch.float64)
+    ctx = torch.cat([torch.randn(5, 8, dtype=torch.float64), x0], -1).requires_grad_()  # [context, anchor]
+
+    def residual(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net(torch.cat([a, c[:, :8]], -1)), 0.3 * (a - c[:, 8:])], -1)
+
+    cfg = dict(max_iterations=40, damping=0.1, backward_mode="truncated", backward_iterations=3)
+    with torch.no_grad():  # the undifferentiated phase alone converges well before 37 iterations
+        assert solve(residual, x0, ctx, TrajOptConfig(max_iterations=37)).iterations < 37
+    out = {}
+    for backend in ("torch", "theseus"):
+        net.zero_grad()
+        ctx.grad = None
+        res = solve(residual, x0, ctx, TrajOptConfig(backend=backend, **cfg))
+        (res.x**2).sum().backward()
+        grads = [p.grad.clone() for p in net.parameters()] + [ctx.grad.clone()]
+        out[backend] = (res.iterations, res.x.detach(), grads)
+    assert out["torch"][0] == out["theseus"][0] < 40  # converged iterations + the 3 differentiated
+    torch.testing.assert_close(out["torch"][1], out["theseus"][1], rtol=1e-6, atol=1e-8)
+    for a, b in zip(out["torch"][2], out["theseus"][2], strict=True):
+        assert b.norm() > 1e-3 and (a - b).norm() / b.norm() < 1e-4
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES)
+def test_iteration_counts_agree(mode):
+    """``iterations`` counts the iterations run until every sample converged (the implicit mode's
+    Gauss-Newton step and the truncated mode's differentiated ones included), as both backends do."""
+    f = Tiny()
+    x0 = torch.zeros(5, 3, dtype=torch.float64)
+    ctx = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for max_iterations in (30, 2):
+        counts = [
+            solve(
+                f, x0, ctx, TrajOptConfig(backend=b, max_iterations=max_iterations, backward_mode=mode)
+            ).iterations
+            for b in ("torch", "theseus")
+        ]
+        converged = {"unroll": 3, "implicit": 3 + 1, "truncated": 3 + 5}[mode]  # 5: backward_iterations
+        assert counts[0] == counts[1] == (converged if max_iterations == 30 else 2), counts
+
+
+def test_bounded_steps_limit_each_step_not_the_optimum():
+    """``max_step_norm`` caps how far each LM step moves a sample; with enough iterations the
+    solve still reaches the same optimum as unbounded LM (a trust region, not a new objective)."""
+    f = Tiny()
+    x0 = torch.zeros(4, 3, dtype=torch.float64)
+    ctx = 5 * torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    free = solve(f, x0, ctx, TrajOptConfig(max_iterations=50, damping=1e-3))
+    one = solve(f, x0, ctx, TrajOptConfig(max_iterations=1, damping=1e-3, max_step_norm=0.2))
+    assert (one.x - x0).norm(dim=1).max() <= 0.2 + 1e-12
+    assert (free.x - x0).norm(dim=1).min() > 1.0  # the unbounded optimum is far away
+    bounded = solve(f, x0, ctx, TrajOptConfig(max_iterations=200, damping=1e-3, max_step_norm=0.2))
+    torch.testing.assert_close(bounded.x, free.x, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="needs backend 'torch'"):
+        TrajOptConfig(backend="theseus", max_step_norm=0.2)
