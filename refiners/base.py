@@ -14,7 +14,8 @@ A refiner improves a base policy's action window at test time:
 A refiner owns its normaliser and observation encoder (it does not share the base's weights).
 :class:`RefinedPolicy` wraps (base, refiner) behind the BasePolicy contract, so evaluation treats
 refined and plain policies alike; after each call it exposes ``last_action_shift``, how far the
-refiner moved the executed actions (evaluation records it without importing refiners).
+refiner moved the executed actions (evaluation records it without importing refiners). A refiner
+that never reads the base window (``uses_base`` False, e.g. IBC alone) is run without the base.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ class Refiner(ObsConditioned):
     def method_label(self, base_label: str) -> str:
         """Row label in result tables, e.g. ``Residual + DP3``."""
         return f"{self.label} + {base_label}"
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether ``refine`` reads the base window's values (False: IBC alone, DiffTORI from zero or
+        random starts without an anchor); ``RefinedPolicy`` then does not run the base policy."""
+        return True
 
     def __init__(self, config: RefinerConfig, shape_meta: ShapeMeta) -> None:
         super().__init__(config, shape_meta, config.n_obs_steps)
@@ -115,10 +122,11 @@ class RefinedPolicy(torch.nn.Module):
     ``predict_action_chunk``, ``reset``, window sizes), so evaluation treats refined and plain
     policies alike. Train the two parts separately.
 
-    ``last_action_shift`` (None before the first call): ``{"mean": (B,), "max": (B,)}``, the mean and
-    the max absolute difference, in env units, between the base and the refined window over the
-    executed actions (window steps ``n_obs_steps - 1 ..``, ``n_action_steps`` of them) of the last
-    ``predict_action``/``predict_action_chunk`` call, per sample.
+    ``last_action_shift`` (None before the first call, and without a base):
+    ``{"mean": (B,), "max": (B,)}``, the mean and the max absolute difference, in env units,
+    between the base and the refined window over the executed actions (window steps
+    ``n_obs_steps - 1 ..``, ``n_action_steps`` of them) of the last ``predict_action``/
+    ``predict_action_chunk`` call, per sample.
     """
 
     def __init__(self, base: BasePolicy, refiner: Refiner) -> None:
@@ -140,6 +148,11 @@ class RefinedPolicy(torch.nn.Module):
 
     @torch.no_grad()
     def predict_action_chunk(self, obs: Obs, generator: Generators = None) -> torch.Tensor:
+        if not self.refiner.uses_base:  # a NaN window of the right shape: it is never read
+            first = next(iter(obs.values()))
+            shape = (first.shape[0], self.horizon, self.refiner.shape_meta.action_dim)
+            self.last_action_shift = None
+            return self.refiner.refine(obs, torch.full(shape, float("nan"), device=first.device), generator)
         init = self.base.predict_action_chunk(obs, generator)
         refined = self.refiner.refine(obs, init, generator)
         start = self.n_obs_steps - 1

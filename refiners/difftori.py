@@ -105,6 +105,10 @@ class DiffTORIRefiner(Refiner):
 
     config_cls = DiffTORIConfig
 
+    @property
+    def uses_base(self) -> bool:
+        return self.config.init == "base" or self.config.anchor == "base"
+
     def __init__(self, config: DiffTORIConfig, shape_meta: ShapeMeta) -> None:
         super().__init__(config, shape_meta)
         c, feat = config, self.obs_encoder.out_dim

@@ -119,6 +119,10 @@ class IBCRefiner(Refiner):
     def method_label(self, base_label: str) -> str:
         return "IBC" if self.config.init == "uniform" else f"IBC + {base_label}"
 
+    @property
+    def uses_base(self) -> bool:
+        return self.config.init != "uniform"
+
     config_cls = IBCConfig
 
     def __init__(self, config: IBCConfig, shape_meta: ShapeMeta) -> None:

@@ -113,3 +113,30 @@ def test_ibc_with_base_uses_perturbed_negatives_when_configured(perturbed):
         assert torch.isnan(nan_loss)  # they are read from the base
     else:
         assert torch.isfinite(nan_loss)  # IBC's counter-examples only: the base is not read
+
+
+def test_refined_policy_skips_the_base_when_the_refiner_never_reads_it():
+    """IBC alone (and DiffTORI from zero without an anchor) run without the base policy: a base that
+    raises on use is never called, the actions are finite, and no action shift is recorded."""
+    from difftori.refiners import RefinedPolicy
+
+    class NoBase(torch.nn.Module):
+        horizon, n_obs_steps, n_action_steps, obs_keys, name = 1, 1, 1, ("state",), "nobase"
+
+        def predict_action_chunk(self, obs, generator=None):
+            raise AssertionError("the base policy was run")
+
+        def reset(self) -> None:
+            pass
+
+    data = biased_data(8, seed=0)
+    for refiner in (
+        make("ibc", data, init="uniform", perturbed_negatives=0, dfo_samples=64),
+        make("difftori", data, init="zero", anchor="none", proximity_weight=0.0),
+    ):
+        assert not refiner.uses_base
+        policy = RefinedPolicy(NoBase(), refiner)
+        actions = policy.predict_action(data["obs"], torch.Generator().manual_seed(0))
+        assert actions.shape == (8, 1, 2) and torch.isfinite(actions).all()
+        assert policy.last_action_shift is None
+    assert make("ibc", data).uses_base and make("difftori", data, init="zero").uses_base
