@@ -5,6 +5,9 @@
 Both use DP3-sized sizes: observation features 256 (two frames of 128), latent 64, an action window
 of 4 x 4, hidden layers of 256. Prints JSON lines:
 
+* ``untrained_jump``: how far an untrained DiffTORI's solve moves the base window (mean and max
+  |refined - base|, normalised units) with ``objective_dim`` 16 (the window's size: a square
+  system) or 48, with and without the anchor and bounded steps: why the defaults are what they are;
 * ``train_step``: forward + backward + Adam step at batch 128, for
   - ``difftori``: this package's refiner at the pipeline's default params (params.yaml), and
   - ``official``: the official formulation, written here from its description: the whole batch
@@ -43,8 +46,8 @@ SHAPE = ShapeMeta(obs={"state": {"shape": [B_FEAT], "kind": "lowdim"}}, action_d
 ENCODER = {"lowdim_hidden": [B_FEAT, B_FEAT]}  # 2 frames x 128 = 256 observation features
 
 
-def ours(params: dict) -> nn.Module:
-    cfg = dict((params.get("refiner_configs") or {}).get("difftori") or {})
+def ours(params: dict, **overrides: object) -> nn.Module:
+    cfg = dict((params.get("refiner_configs") or {}).get("difftori") or {}) | overrides
     cfg |= {"horizon": H, "n_obs_steps": 2, "n_action_steps": 3, "encoder": ENCODER, "latent_dim": LATENT}
     config_from_dict(DiffTORIConfig, cfg)  # validate like the pipeline
     refiner = REFINERS.make("difftori", cfg, SHAPE)
@@ -134,6 +137,32 @@ def time_steps(module: nn.Module, loss_fn, b: dict, repeats: int) -> tuple[float
     return float(np.median(times)), float(loss)
 
 
+@torch.no_grad()
+def untrained_jumps(params: dict, b: dict) -> None:
+    """One JSON line per (objective_dim, anchor, max_step_norm): the untrained solve's movement."""
+    for dim in (16, 48):
+        for weight in (0.0, 0.1):
+            for bound in (0.0, 0.1):
+                torch.manual_seed(0)
+                trajopt = dict(params.get("refiner_configs", {}).get("difftori", {}).get("trajopt", {}))
+                refiner = ours(
+                    params,
+                    objective_dim=dim,
+                    anchor="base" if weight else "none",
+                    proximity_weight=weight,
+                    trajopt=trajopt | {"max_step_norm": bound},
+                ).eval()
+                init = b["init_action"][:, 0]
+                out = refiner.refine(b["obs"], init, torch.Generator().manual_seed(0))
+                move = (refiner.to_flat(out) - refiner.to_flat(init)).abs()
+                row = {"objective_dim": dim, "proximity_weight": weight, "max_step_norm": bound}
+                stats = {
+                    "mean_abs_move": round(float(move.mean()), 4),
+                    "max_abs_move": round(float(move.max()), 3),
+                }
+                print(json.dumps({"benchmark": "refiners/untrained_jump"} | row | stats), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=128)
@@ -144,6 +173,7 @@ def main() -> None:
     params = yaml.safe_load(args.params.read_text()) if args.params.exists() else {}
     gen = torch.Generator().manual_seed(0)
     b = batch(args.batch_size, gen)
+    untrained_jumps(params, b)
 
     torch.manual_seed(0)
     refiner = ours(params)
