@@ -365,8 +365,10 @@ def _check(args: argparse.Namespace) -> None:
         if path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: params file not found")
-            load_params(path)
+            params = load_params(path)
             log.info("%s: ok (every section, name and type valid)", path)
+            if args.resolved_refiners:
+                _write_resolved_refiners(params, args.resolved_refiners)
         elif (path / CONFIG).is_file():
             ckpt = read_checkpoint(path)
             if ckpt.format_version < 2:
@@ -383,6 +385,22 @@ def _check(args: argparse.Namespace) -> None:
             )
 
 
+def _write_resolved_refiners(params: dict, out: Path) -> None:
+    """``out/<name>.json``: each refiner's config as train-refiner resolves it (a variant laid over
+    its type's), so a DVC stage depends on exactly its refiner's settings."""
+    import json
+
+    from difftori.datasets.safeio import atomic_write_text
+    from difftori.pipeline.params import refiner_config, section
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = dict.fromkeys([*params.get("refiners", []), *section(params, "refiner_configs")])
+    for name in names:
+        text = json.dumps(refiner_config(params, name), indent=1, sort_keys=True) + "\n"
+        atomic_write_text(out / f"{name}.json", text)
+    log.info("%s: resolved configs of %d refiners", out, len(names))
+
+
 def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "check",
@@ -395,6 +413,12 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "paths", nargs="+", type=Path, help="episode stores (.zarr), checkpoint directories, params files"
+    )
+    p.add_argument(
+        "--resolved-refiners",
+        type=Path,
+        help="for a params file: also write <dir>/<refiner>.json, each refiner's resolved config "
+        "(variants laid over their type's), the train-refiner stages' dependency",
     )
     p.set_defaults(func=_check)
 

@@ -58,7 +58,7 @@ def test_base_policy_sample_equals_its_batch_of_one(tmp_path, name):
         ("difftori", {"init": "random", "samples": 3}),
         ("residual", {}),
         ("ibc", {}),
-        ("ibc", {"init": "uniform"}),
+        ("ibc", {"init": "uniform", "perturbed_negatives": 0, "dfo_samples": 256}),
     ],
 )
 def test_refiner_sample_equals_its_batch_of_one(name, overrides):

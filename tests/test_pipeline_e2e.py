@@ -100,7 +100,7 @@ def test_dvc_repro_end_to_end(tmp_path):
         "none": "DP3",
         "residual": "Residual + DP3",
         "ibc": "IBC + DP3",
-        "difftori": "DiffTORI + DP3",
+        "difftori": "DiffTORI (anchor 0.1) + DP3",  # the anchor is named: not the paper's objective
     }
     # the same evaluation episodes for every method
     seeds = {
@@ -131,14 +131,19 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     status = _run(["dvc", "status"], repo)
     assert "up to date" in status, status
-    # changing one refiner's params invalidates only that refiner's chain (and the report)
+    # changing one refiner's params reruns only that refiner's chain (and the report): check-params
+    # revalidates any params change and rewrites the resolved configs, of which only one changed
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["refiner_configs"]["residual"]["hidden"] = [8]
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    out = _run(["dvc", "status"], repo).splitlines()
-    changed = sorted(line.rstrip(":") for line in out if line and not line[0].isspace())
-    assert len(changed) == 2 and changed[0] == "check-params", out  # revalidates any params change
-    assert changed[1].startswith("train-refiner@") and "residual" in changed[1], out
+    out = _run(["dvc", "repro"], repo)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == [
+        "check-params",
+        f"evaluate@{t}-{b}-residual-0",
+        "report",
+        f"train-refiner@{t}-{b}-residual-0",
+    ], out
 
     # swapping the base policy is a params override; dvc exp show lists the experiment
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY))
