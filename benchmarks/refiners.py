@@ -8,6 +8,9 @@ of 4 x 4, hidden layers of 256. Prints JSON lines:
 * ``untrained_jump``: how far an untrained DiffTORI's solve moves the base window (mean and max
   |refined - base|, normalised units) with ``objective_dim`` 16 (the window's size: a square
   system) or 48, with and without the anchor and bounded steps: why the defaults are what they are;
+* ``control_step`` (with ``--demos --base --refiner``, trained checkpoints such as ``dvc repro``'s):
+  refine latency with the LM iterations really taken, base latency and the total per control step,
+  at batch 1 and 8 (``benchmarks/control_step.py``, which documents the fields);
 * ``train_step``: forward + backward + Adam step at batch 128, for
   - ``difftori``: this package's refiner at the pipeline's default params (params.yaml), and
   - ``official``: the official formulation, written here from its description: the whole batch
@@ -137,6 +140,16 @@ def time_steps(module: nn.Module, loss_fn, b: dict, repeats: int) -> tuple[float
     return float(np.median(times)), float(loss)
 
 
+def control_steps(demos: Path, base: Path, refiner: Path) -> None:
+    """``benchmarks/control_step.py``'s lines for trained checkpoints, 10 DDIM steps, batch 1 and 8."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("control_step.py")
+    cmd = [sys.executable, str(script), "--demos", str(demos), "--base", str(base), "--refiner", str(refiner)]
+    subprocess.run(cmd, check=True)
+
+
 @torch.no_grad()
 def untrained_jumps(params: dict, b: dict) -> None:
     """One JSON line per (objective_dim, anchor, max_step_norm): the untrained solve's movement."""
@@ -168,11 +181,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--demos", type=Path, help="with --base and --refiner: also the control-step lines")
+    p.add_argument("--base", type=Path, help="trained base checkpoint (e.g. models/<task>/dp3/seed0)")
+    p.add_argument("--refiner", type=Path, help="trained DiffTORI checkpoint")
     args = p.parse_args()
     torch.set_num_threads(1)
     params = yaml.safe_load(args.params.read_text()) if args.params.exists() else {}
     gen = torch.Generator().manual_seed(0)
     b = batch(args.batch_size, gen)
+    if args.demos and args.base and args.refiner:
+        control_steps(args.demos, args.base, args.refiner)
     untrained_jumps(params, b)
 
     torch.manual_seed(0)
