@@ -89,6 +89,7 @@ class DiffTORIConfig(RefinerConfig):
         tags = [f"{self.init} init"] if self.init != "base" else []
         tags += [f"anchor {self.proximity_weight:g}"] if self.anchor == "base" else []
         tags += [f"H={self.planning_horizon}"] if self.planning_horizon != 1 else []
+        tags += [f"objective_dim {self.objective_dim}"] if self.objective_dim else []
         tags += [f"steps<={self.trajopt.max_step_norm:g}"] if self.trajopt.max_step_norm > 0 else []
         tags += [f"{self.samples} samples"] if self.samples != 1 else []
         return tags

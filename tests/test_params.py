@@ -80,3 +80,18 @@ def test_paper_params_match_the_paper():
     assert len(p["tasks"]) == 22 and len(set(p["tasks"])) == 22  # Table 1
     assert p["evaluate"]["episodes"] == 50 and len(p["seeds"]) == 3
     assert "ibc_alone" in p["refiners"]  # IBC alone as a configured variant
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml"])
+def test_every_refiner_and_variant_has_its_own_table_label(name):
+    """Result rows are keyed by method label: two configured refiners must never share one."""
+    from difftori.base_policies.base import ShapeMeta
+
+    p = yaml.safe_load((ROOT / name).read_text())
+    shape = ShapeMeta(obs={"state": {"shape": [3], "kind": "lowdim"}}, action_dim=4)
+    labels = {}
+    for refiner in dict.fromkeys([*p["refiners"], *p["refiner_configs"]]):
+        cfg = _no_type(p, refiner) | {"encoder": {"lowdim_hidden": [8]}}
+        kind = refiner_config(p, refiner)["type"]
+        labels[refiner] = REFINERS.make(kind, cfg, shape).method_label("DP3")
+    assert len(set(labels.values())) == len(labels), labels

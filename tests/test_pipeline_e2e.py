@@ -41,7 +41,6 @@ TINY = {
             "hidden": [16],
             "latent_dim": 4,
             "state_dim": 8,
-            "objective_dim": 4,
             "encoder": TINY_ENCODER,
             "trajopt": {"max_iterations": 2},
         },

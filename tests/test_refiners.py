@@ -122,8 +122,8 @@ def test_anchor_none_removes_only_the_anchor_rows(monkeypatch):
     rows = base.objective_dim
     assert a["rows"].shape[1] == rows + base.chunk_dim and b["rows"].shape[1] == rows
     torch.testing.assert_close(a["rows"][:, :rows], b["rows"])
-    assert base.method_label("DP3") == "DiffTORI (anchor 0.1) + DP3"
-    assert free.method_label("DP3") == "DiffTORI + DP3"
+    assert base.method_label("DP3") == "DiffTORI (anchor 0.1, objective_dim 8) + DP3"
+    assert free.method_label("DP3") == "DiffTORI (objective_dim 8) + DP3"
     with pytest.raises(ValueError, match="anchor 'none' needs proximity_weight 0"):
         make("difftori", data, anchor="none")
 
