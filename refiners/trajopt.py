@@ -25,9 +25,9 @@ Gauss-Newton step with step size 1 whose Hessian is detached: its gradient is th
 implicit-function gradient of a converged solution). ``iterations`` counts LM iterations run,
 differentiated ones included, the same way in both backends.
 
-Bounded steps (``max_step_norm > 0``, torch backend): each LM step (and the implicit mode's final
-Gauss-Newton step) is scaled down to at most that norm per sample, and its gain ratio uses the
-quadratic model of the scaled step. This is a trust
+Bounded steps (``max_step_norm > 0``, torch backend): every step (LM, the truncated mode's
+fixed-damping ones, the implicit mode's final Gauss-Newton step) is scaled down to at most that
+norm per sample, and the gain ratio uses the quadratic model of the scaled step. This is a trust
 region: it limits how far one solve can move, not where the optimum is.
 
 A Cholesky failure never crashes training: the damping of the failing samples is raised tenfold
@@ -237,7 +237,7 @@ def _lm_loop(
         else:
             lam = damping if adaptive else torch.full_like(damping, cfg.damping)
             delta, f = _cholesky_solve(AtA, Atb, lam)
-            step = _bounded(delta * cfg.step_size, cfg.max_step_norm if phase == "solve" else 0.0)
+            step = _bounded(delta * cfg.step_size, cfg.max_step_norm)
         failures += f
         x_new = torch.where(converged.unsqueeze(-1), x, x + step)
         with torch.no_grad():

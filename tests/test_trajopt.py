@@ -198,6 +198,9 @@ def test_bounded_steps_limit_each_step_not_the_optimum():
     x0 = torch.zeros(4, 3, dtype=torch.float64)
     ctx = 5 * torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     free = solve(f, x0, ctx, TrajOptConfig(max_iterations=50, damping=1e-3))
+    for mode in BACKWARD_MODES:  # every kind of step is bounded: LM, fixed-damping, Gauss-Newton
+        cfg = TrajOptConfig(max_iterations=3, damping=1e-3, max_step_norm=0.2, backward_mode=mode)
+        assert (solve(f, x0, ctx, cfg).x - x0).norm(dim=1).max() <= 3 * 0.2 + 1e-12, mode
     one = solve(f, x0, ctx, TrajOptConfig(max_iterations=1, damping=1e-3, max_step_norm=0.2))
     assert (one.x - x0).norm(dim=1).max() <= 0.2 + 1e-12
     assert (free.x - x0).norm(dim=1).min() > 1.0  # the unbounded optimum is far away
