@@ -6,7 +6,8 @@
   at once with :class:`LockedError` naming the holder (pid, host, command, since when), or waits
   with ``wait=True``. Locks are
   reentrant within a process, so a stage that locks its output can call writers that lock it too.
-* :func:`atomic_write_text` writes a file beside its target and renames it (same filesystem).
+* :func:`atomic_write` / :func:`atomic_write_text` write a file beside its target and rename it
+  (same filesystem).
 * :func:`array_sha256` / :func:`file_sha256` are the checksums stores and checkpoints record.
 * :func:`naming_path` re-raises an ``OSError`` that names no file (a full disk) with ``path``.
 """
@@ -22,7 +23,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,18 +138,29 @@ def naming_path(path: str | os.PathLike[str]) -> Iterator[None]:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a temporary file beside it, fsync, rename."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """Create ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, then a rename
+    (the temporary file is removed if ``write`` fails)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with naming_path(path), open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with naming_path(path):
+            write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a temporary file beside it, fsync, rename."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
 
 
 def remove_path(path: str | os.PathLike[str]) -> None:

@@ -22,13 +22,13 @@ import csv
 import io
 import json
 import logging
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from difftori.datasets.safeio import atomic_write
 from difftori.eval.results import EpisodeRecord, EvalResult, ResultsError, wilson_interval
 from difftori.eval.stats import PairedComparison
 
@@ -521,9 +521,7 @@ def _bars_csv(tables: list[Table]) -> str:
 
 def _atomic(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import torch
 from difftori.base_policies.base import Obs
 from difftori.datasets.episode_store import ACTION_KEY, EpisodeStore
 from difftori.datasets.init_action_store import InitActionStore
-from difftori.datasets.safeio import atomic_write_text
+from difftori.datasets.safeio import atomic_write, atomic_write_text
 from difftori.datasets.windows import window_indices
 from difftori.refiners import REFINERS
 from difftori.refiners.difftori import DiffTORIRefiner
@@ -252,12 +251,7 @@ def plot(result: dict[str, Any], out: Path, title: str, action_dim: int) -> None
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=90)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
 
 
 # -- the stage -----------------------------------------------------------------------------------
