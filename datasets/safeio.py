@@ -64,13 +64,21 @@ def _write_holder(fd: int) -> None:
     os.pwrite(fd, json.dumps(holder).encode(), 0)
 
 
-def lock_holder(path: str | os.PathLike[str]) -> str:
-    """Who holds the lock file ``path``, as recorded by the holder."""
-    try:
-        h = json.loads(Path(path).read_text())
-        return f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def lock_holder(path: str | os.PathLike[str], patience_s: float = 1.0) -> str:
+    """Who holds the lock file ``path``, as recorded by the holder.
+
+    The holder writes its record just after it wins the lock, so a reader that loses the race by
+    microseconds may find the file still empty: it re-reads for up to ``patience_s``.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            h = json.loads(Path(path).read_text())
+            return f"pid {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
 
 
 class OutputLock:

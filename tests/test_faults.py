@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import zarr
 from difftori.base_policies import load_policy
 from difftori.base_policies.checkpoint import CheckpointError
 from difftori.datasets.episode_store import EpisodeStore, StoreError
-from difftori.datasets.safeio import OutputLock
+from difftori.datasets.safeio import OutputLock, lock_holder
 from difftori.eval import evaluate as evaluate_module
 from difftori.eval.results import EvalResult
 from difftori.eval.workers import run_in_workers
@@ -154,6 +155,22 @@ def test_second_writer_waits_with_wait(tmp_path):
     assert waiting.wait(timeout=120) == 0, waiting.stderr.read()
     assert EpisodeStore(out).n_episodes == 4
     assert leftovers(tmp_path) == []
+
+
+def test_holder_read_in_the_instant_before_it_is_recorded(tmp_path):
+    """CI once saw the loser read the lock file in the microseconds between the winner's flock and
+    its record: the reader waits briefly for the record instead of saying "another process"."""
+    lock = tmp_path / "d.zarr.lock"
+    lock.write_text("")
+    record = {"pid": 4242, "host": "h", "command": "demos", "since": "now"}
+    writer = threading.Timer(0.2, lambda: lock.write_text(json.dumps(record)))
+    writer.start()
+    try:
+        assert lock_holder(lock).startswith("pid 4242 on h")
+    finally:
+        writer.join()
+    lock.write_text("")
+    assert lock_holder(lock, patience_s=0.1) == "another process"
 
 
 def test_locked_demo_store_fails_at_once_through_the_cli(tmp_path):
