@@ -7,6 +7,9 @@ Layout (diffusion_policy's ``ReplayBuffer``, so diffusion_policy and DP3 read ou
       meta/episode_ends   (E,) int64      exclusive end index of each episode in data/*
       .zattrs["difftori"]                 StoreMeta: schema version, source, task, key kinds, ...
 
+Schema version 2 added ``splits`` (named subsets of episodes, e.g. robomimic's train/valid masks;
+bumped because version-1 readers would silently drop them); version-1 stores are still read.
+
 ``data/action`` holds the actions; every other ``data/<key>`` is an observation whose kind
 (``point_cloud``, ``image``, ``lowdim``) is recorded in the metadata. Zarr *format 2* is written by
 default because zarr-python 2 (used by diffusion_policy and DP3) cannot open format-3 stores.
@@ -40,7 +43,8 @@ from difftori.datasets.safeio import OutputLock, array_sha256, naming_path, remo
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no ``splits``
 ATTRS_KEY = "difftori"
 ACTION_KEY = "action"
 EPISODE_ENDS = "meta/episode_ends"
@@ -72,6 +76,7 @@ class StoreMeta:
     episode_seeds: list[int] = field(default_factory=list)  # one per kept episode
     n_attempts: int = 0  # episodes tried, kept or not
     checksums: dict[str, str] = field(default_factory=dict)  # array path -> sha256, set on commit
+    splits: dict[str, list[int]] = field(default_factory=dict)  # name -> sorted episode indices
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -82,6 +87,14 @@ class StoreMeta:
             raise StoreError(f"obs_kinds: '{ACTION_KEY}' is the action, not an observation")
         if len(self.action_low) != len(self.action_high):
             raise StoreError("action_low/action_high: lengths differ")
+        if not isinstance(self.splits, dict):
+            raise StoreError(f"splits: expected {{name: [episode, ...]}}, got {self.splits!r}")
+        for name, episodes in self.splits.items():
+            ok = isinstance(episodes, list) and all(type(e) is int and e >= 0 for e in episodes)
+            if not ok or episodes != sorted(set(episodes)):
+                raise StoreError(
+                    f"splits/{name}: expected sorted, distinct episode indices (ints >= 0), got {episodes!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,11 +103,12 @@ class StoreMeta:
     def from_dict(cls, d: dict[str, Any], path: Path | str = "<memory>") -> StoreMeta:
         """Build from saved attributes; unknown schema versions and missing fields are errors."""
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_VERSIONS:
             raise _err(
                 path,
                 f".zattrs/{ATTRS_KEY}/schema_version",
-                f"unknown schema version {version!r}; this difftori reads version {SCHEMA_VERSION}",
+                f"unknown schema version {version!r}; this difftori reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
             )
         names = set(cls.__dataclass_fields__)
         missing = {"task", "source", "obs_kinds", "action_low", "action_high", "control_mode"} - set(d)
@@ -139,7 +153,8 @@ class EpisodeStore:
     Opening checks everything a consumer relies on and raises :class:`StoreError` naming the
     path and key: missing ``meta/episode_ends``, empty store, unknown schema version, arrays
     whose length differs from the last episode end, a missing chunk file, a number of recorded
-    episode seeds other than the number of episodes, NaN/inf in actions or observations.
+    episode seeds other than the number of episodes, splits naming episodes beyond the store,
+    NaN/inf in actions or observations.
     :meth:`verify` also checks every array against the checksums recorded at write time.
     """
 
@@ -291,6 +306,13 @@ def _open_validated(path: Path, check_values: bool) -> tuple[zarr.Group, StoreMe
             f".zattrs/{ATTRS_KEY}/episode_seeds",
             f"{len(meta.episode_seeds)} seeds recorded for {len(ends)} episodes in {EPISODE_ENDS}",
         )
+    for name, episodes in meta.splits.items():
+        if episodes and episodes[-1] >= len(ends):
+            raise _err(
+                path,
+                f".zattrs/{ATTRS_KEY}/splits/{name}",
+                f"episode {episodes[-1]} out of range: the store has {len(ends)} episodes",
+            )
     if "data" not in root or ACTION_KEY not in root["data"]:
         raise _err(path, f"data/{ACTION_KEY}", "missing: the store has no actions")
     data_keys = set(root["data"].array_keys())
@@ -423,6 +445,7 @@ class EpisodeWriter:
             if arr.shape[0] != end:
                 arr.resize((end, *arr.shape[1:]))
         self.meta = old
+        self.meta.schema_version = SCHEMA_VERSION  # a version-1 partial store is written as current
         self.meta.episode_seeds = old.episode_seeds[:n]
         self.meta.n_attempts = max(old.n_attempts, n)
         self._flush_meta()

@@ -199,3 +199,49 @@ def test_meta_validation():
         from difftori.datasets.episode_store import StoreMeta
 
         StoreMeta.from_dict({"schema_version": 1, "task": "t"})
+
+
+def _set_attrs(path: Path, **changes) -> None:
+    root = zarr.open_group(str(path), mode="r+")
+    attrs = dict(root.attrs["difftori"])
+    for key, value in changes.items():
+        if value is None:
+            attrs.pop(key, None)
+        else:
+            attrs[key] = value
+    root.attrs["difftori"] = attrs
+
+
+def test_splits_round_trip_and_version_1_stores(tmp_path, rng):
+    """Schema 2 records splits; a version-1 store (no splits field) still opens, with none."""
+    path = tmp_path / "s.zarr"
+    with EpisodeStore.create(path, small_meta()) as w:
+        for i, n in enumerate(LENGTHS):
+            w.add_episode(small_episode(rng, n), seed=i)
+        w.meta.splits = {"train": [0, 2], "valid": [1], "empty": []}
+    store = EpisodeStore(path)
+    assert store.meta.schema_version == 2
+    assert store.meta.splits == {"train": [0, 2], "valid": [1], "empty": []}
+    store.verify()
+    _set_attrs(path, schema_version=1, splits=None)
+    old = EpisodeStore(path)
+    assert old.meta.schema_version == 1 and old.meta.splits == {}
+    old.verify()
+
+
+@pytest.mark.parametrize(
+    "splits, message",
+    [
+        ({"valid": [1, 3]}, "splits/valid: episode 3 out of range: the store has 3 episodes"),
+        ({"train": [2, 0]}, "splits/train: expected sorted, distinct episode indices"),
+        ({"train": "0,1"}, "splits/train: expected sorted, distinct episode indices"),
+        (["train"], "splits: expected {name: [episode, ...]}"),
+    ],
+)
+def test_bad_splits_are_rejected(tmp_path, rng, splits, message):
+    path = tmp_path / "s.zarr"
+    write_store(path, rng)
+    _set_attrs(path, splits=splits)
+    with pytest.raises(StoreError) as e:
+        EpisodeStore(path)
+    assert str(path) in str(e.value) and ".zattrs/difftori" in str(e.value) and message in str(e.value)
