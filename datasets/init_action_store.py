@@ -93,10 +93,12 @@ class InitActionStore:
             shutil.rmtree(partial, ignore_errors=True)
             root = zarr.open_group(str(partial), mode="w", zarr_format=2)
             comp = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
-            root.create_array(
-                KEY, data=actions.astype(np.float32), chunks=(4096, *actions.shape[1:]), compressors=comp
-            )
-            root.create_array(EPISODE_ENDS, data=np.asarray(episode_ends, np.int64), compressors=comp)
+            arrays = {KEY: actions.astype(np.float32), EPISODE_ENDS: np.asarray(episode_ends, np.int64)}
+            for key, data in arrays.items():  # zarr 3.0's create_array takes no data=
+                chunks = (4096, *data.shape[1:]) if key == KEY else data.shape
+                root.create_array(key, shape=data.shape, dtype=data.dtype, chunks=chunks, compressors=comp)[
+                    ...
+                ] = data
             root.attrs[ATTRS_KEY] = asdict(meta)
             if path.exists():
                 shutil.rmtree(path)

@@ -5,7 +5,8 @@
 #   DIFFTORI_EXTRAS=dev bash scripts/install.sh   # + test tools (what scripts/test.sh uses)
 #
 # Re-running is cheap: the install is skipped while the pins, pyproject.toml and this script are
-# unchanged. Heavier suites (robomimic, maniskill, pusht) will slot in as further extras.
+# unchanged. The robomimic suite (robosuite 1.5.2, robomimic 0.3.0) is part of the default install:
+# its pins force numpy 1.26.4 and zarr 3.0.10 (requirements/constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +18,7 @@ export PIP_CONSTRAINT="$PWD/$CONSTRAINTS"  # torch==2.13.0 (CPU) and friends, on
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 stamp="$VENV/.difftori-install"
-want="$(cat "$CONSTRAINTS" pyproject.toml scripts/install.sh | sha256sum | cut -d' ' -f1) extras=$EXTRAS"
+want="$(cat "$CONSTRAINTS" pyproject.toml scripts/install.sh requirements/torchvision_compat.py | sha256sum | cut -d' ' -f1) extras=$EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -53,10 +54,17 @@ pip install -q -e ".[$EXTRAS]"
 # theseus-ai 0.2.3 is source-only; a normal install fails building scikit-sparse (only the Cholmod
 # sparse solver needs it, which difftori does not use). Install it without deps, without isolation.
 pip install -q --no-deps --no-build-isolation theseus-ai
+# robomimic pulls the registry's torchvision, a CUDA build whose ops library cannot load beside CPU
+# torch, which breaks `import torchvision` (and lightning's import with it): an import hook defines
+# the missing op schemas when, and only when, that library fails to load (see the module).
+site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp requirements/torchvision_compat.py "$site/difftori_torchvision_compat.py"
+echo "import difftori_torchvision_compat; difftori_torchvision_compat.install()" \
+  > "$site/difftori-torchvision-compat.pth"
 "$VENV/bin/python" - <<'PY'
 import warnings
 warnings.filterwarnings("ignore")
-import theseus, torch, zarr, mujoco, metaworld  # noqa: F401
+import theseus, torch, zarr, mujoco, metaworld, lightning, torchvision, robosuite, robomimic  # noqa: F401
 from difftori.datasets.pointcloud import open3d
 open3d()
 print(f"install.sh: torch {torch.__version__}, theseus {theseus.__version__}, zarr {zarr.__version__}, "
