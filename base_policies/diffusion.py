@@ -101,7 +101,7 @@ class DiffusionPolicy(BasePolicy):
 
 @dataclass(frozen=True)
 class DP3Config(DiffusionConfig):
-    prediction_type: str = "sample"  # DP3's MetaWorld setting
+    prediction_type: str = "sample"  # DP3's setting
 
 
 @register

@@ -108,7 +108,7 @@ class ImageEncoder(nn.Module):
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Sizes of the observation encoders (defaults: DP3's MetaWorld encoder)."""
+    """Sizes of the observation encoders (defaults: DP3's encoder)."""
 
     point_hidden: tuple[int, ...] = (64, 128, 256)
     point_out: int = 64

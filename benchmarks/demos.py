@@ -27,14 +27,14 @@ from difftori.datasets.pointcloud import (  # noqa: E402
     farthest_point_sample,
 )
 from difftori.eval.demos import DemoConfig, generate_demos  # noqa: E402
-from difftori.eval.envs import make_env  # noqa: E402
-from difftori.eval.experts import make_expert  # noqa: E402
-from difftori.eval.rollout import run_episode  # noqa: E402
+from difftori.eval.multistep import MultiStepWrapper  # noqa: E402
+from difftori.eval.rollout import ExpertPolicy, run_policy_episodes  # noqa: E402
+from difftori.eval.suites.metaworld import MetaWorldExpert, make_env  # noqa: E402
 
 
 def expert_state_steps_per_s(task: str, steps: int) -> float:
-    env = make_env("metaworld", task)
-    expert = make_expert("metaworld", task)
+    env = make_env(task)
+    expert = MetaWorldExpert(task)
     sim = env.sim
     sim.seed(0)
     state, _ = sim.reset()
@@ -51,7 +51,7 @@ def expert_state_steps_per_s(task: str, steps: int) -> float:
 
 
 def point_cloud_ms(task: str, clouds: int) -> dict[str, float]:
-    env = make_env("metaworld", task)
+    env = make_env(task)
     env.reset(seed=0)
     env.point_cloud()  # create the renderer
     cfg, cam = env.obs_config, env._cam_id
@@ -81,11 +81,14 @@ def point_cloud_ms(task: str, clouds: int) -> dict[str, float]:
 
 
 def demo_steps_per_s(task: str) -> float:
-    env = make_env("metaworld", task)
-    expert = make_expert("metaworld", task)
+    env = make_env(task)
+    space = env.action_space
+    expert = ExpertPolicy(MetaWorldExpert(task), list(env.obs_kinds), space.low, space.high)
+    envs = [MultiStepWrapper(env, 1)]
     steps, t0 = 0, time.perf_counter()
     for seed in range(3):
-        steps += run_episode(env, expert, seed, record=True).steps
+        (record,) = run_policy_episodes(envs, expert, [(0, seed)], trajectories={})
+        steps += record.steps
     rate = steps / (time.perf_counter() - t0)
     env.close()
     return rate

@@ -36,6 +36,7 @@ from difftori.base_policies import ShapeMeta, make_policy
 from difftori.datasets.episode_store import EpisodeStore
 from difftori.datasets.windows import WindowDataset
 from difftori.eval.evaluate import EvalConfig, PolicyEpisodes, episode_seeds, run_policy_episodes
+from difftori.pipeline.compose import policy_loader
 from difftori.refiners import REFINERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def run(
         lazy_obs=lazy,
     )
     start = time.perf_counter()
-    batch = PolicyEpisodes(meta, str(base), str(refiner) if refiner else None, cfg, envs)()
+    batch = PolicyEpisodes(meta, policy_loader(base, refiner), cfg, envs)()
     ready = time.perf_counter()
     warm_up(batch.envs, batch.policy)
     seeds = episode_seeds(cfg.seed, cfg.episodes, exclude=set(meta.episode_seeds))

@@ -66,7 +66,7 @@ class StoreMeta:
     """What a store holds and how it was made (saved as the root attribute ``difftori``)."""
 
     task: str
-    source: str  # the generator ("metaworld-expert") or the converted file
+    source: str  # the generator ("<suite>-expert") or the converted file
     obs_kinds: dict[str, str]  # observation key -> one of KINDS
     action_low: list[float]
     action_high: list[float]

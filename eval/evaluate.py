@@ -1,11 +1,16 @@
 """Rollout evaluation of a base policy, alone or refined, in its simulator.
 
-The env is the one the demos came from (suite, task and observation settings are read from the
-demo store's metadata, so evaluation sees the world through the same code and settings), wrapped
-in :class:`~difftori.eval.envs.multistep.MultiStepWrapper` for the policy's observation history and
-action chunks. Episode seeds are drawn from ``EvalConfig.seed`` alone (never a demo seed), so every
-method and training seed is evaluated on the same initial states; the policy's sampling generator
-of an episode is seeded with the episode's env seed. Success = the task's success flag at any step.
+The env is the one the demos came from: the store's suite builds it from the store's metadata
+(``Suite.env_for_store``: the same code and settings that made the demos, or the env a converted
+file describes), wrapped in :class:`~difftori.eval.multistep.MultiStepWrapper` for the policy's
+observation history and action chunks. The policy comes from a :class:`PolicyLoader`: a base
+policy alone (:class:`BasePolicyLoader`), or whatever the caller composes (the pipeline passes a
+refined one), so this package never imports the refiners.
+
+Episode seeds are drawn from ``EvalConfig.seed`` alone (never a demo seed), so every method and
+training seed is evaluated on the same initial states; the policy's sampling generator of an
+episode is seeded with the episode's env seed. Success = the task's success flag at any step; the
+result records the suite's table metric (success or failure rate).
 
 Each worker process holds ``envs_per_worker`` envs and steps them together (one policy call per
 control step, each episode with its own generator, so an episode does not depend on which others
@@ -21,22 +26,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from difftori.base_policies import load_policy
 from difftori.datasets.episode_store import EpisodeStore, StoreMeta
 from difftori.datasets.safeio import OutputLock, naming_path
-from difftori.eval.envs import make_env
-from difftori.eval.envs.multistep import MultiStepWrapper
 from difftori.eval.journal import EvalJournal, check_writable, checkpoint_digest
+from difftori.eval.multistep import MultiStepWrapper
 from difftori.eval.results import EvalResult
 from difftori.eval.rollout import PolicyEpisodeBatch, run_policy_episodes, write_video  # noqa: F401
+from difftori.eval.suites import get_suite
 from difftori.eval.workers import plan, run_in_workers
-from difftori.refiners import REFINERS, RefinedPolicy
 
 log = logging.getLogger(__name__)
 BASE_LABELS = {
@@ -53,7 +57,7 @@ class EvalConfig:
 
     episodes: int = 20
     seed: int = 100  # the evaluation episode seeds are drawn from this
-    max_episode_steps: int = 200  # MetaWorld's limit in DP3 and DiffTORI
+    max_episode_steps: int = 0  # 0: the suite's limit for the task
     workers: int = 2  # simulator processes
     envs_per_worker: int = 8  # envs per worker, stepped together (one policy call per control step)
     retries: int = 1  # a crashed episode is run once more, then recorded as an error
@@ -63,8 +67,8 @@ class EvalConfig:
     lazy_obs: bool = True  # skip observations no policy sees (identical results; False: benchmarks)
 
     def __post_init__(self) -> None:
-        counts = (self.episodes, self.workers, self.envs_per_worker, self.max_episode_steps)
-        if min(counts) < 1 or self.retries < 0:
+        counts = (self.episodes, self.workers, self.envs_per_worker)
+        if min(counts) < 1 or self.retries < 0 or self.max_episode_steps < 0:
             raise ValueError(f"invalid evaluation config {self}")
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
@@ -81,14 +85,45 @@ def episode_seeds(seed: int, n: int, exclude: set[int] | frozenset[int] = frozen
     return out
 
 
-def load_eval_policy(base: Path, refiner: Path | None, weights: str = "ema") -> tuple[torch.nn.Module, str]:
-    """The policy to roll out (base, or ``RefinedPolicy``) and its method label for the tables."""
-    policy = load_policy(base, weights)
-    label = BASE_LABELS.get(policy.name, policy.name)
-    if refiner is None:
-        return policy, label
-    ref = REFINERS.load(refiner, weights)
-    return RefinedPolicy(policy, ref).eval(), ref.method_label(label)
+@dataclass
+class LoadedPolicy:
+    """A policy ready to roll out (eval mode), with what the results record about it."""
+
+    policy: torch.nn.Module
+    method: str  # its label in the tables, e.g. "DP3" or "DiffTORI + DP3"
+    base: str  # the base policy's registered name
+    refiner: str  # the refiner's registered name, or "none"
+    weights: str  # the weights loaded, e.g. "ema" ("ema+raw" when they differ between parts)
+
+
+class PolicyLoader(Protocol):
+    """Picklable (worker processes call it): builds the policy to evaluate from checkpoints."""
+
+    @property
+    def checkpoints(self) -> dict[str, str | None]:
+        """Checkpoint directories by part ({"base": ..., "refiner": ... or None})."""
+
+    def __call__(self, weights: str = "ema") -> LoadedPolicy: ...
+
+
+def base_label(name: str) -> str:
+    """A base policy's label in the tables."""
+    return BASE_LABELS.get(name, name)
+
+
+@dataclass(frozen=True)
+class BasePolicyLoader:
+    """A base policy alone, from its checkpoint directory."""
+
+    base: str
+
+    @property
+    def checkpoints(self) -> dict[str, str | None]:
+        return {"base": self.base, "refiner": None}
+
+    def __call__(self, weights: str = "ema") -> LoadedPolicy:
+        policy = load_policy(self.base, weights)
+        return LoadedPolicy(policy, base_label(policy.name), policy.name, "none", policy.weights)
 
 
 def make_eval_env(
@@ -98,17 +133,16 @@ def make_eval_env(
     keys: Sequence[str] | None = None,
     lazy: bool = True,
 ) -> MultiStepWrapper:
-    """The evaluation env of a demo store: its suite, task and observation settings from the
-    store's metadata, the step limit, in a ``MultiStepWrapper`` with ``n_obs_steps`` frames.
+    """The evaluation env of a demo store (its suite's ``env_for_store``) with the step limit
+    (0: the suite's for the task), in a ``MultiStepWrapper`` with ``n_obs_steps`` frames.
 
     ``keys`` limits the observation to what the policy reads (None: every key the store holds);
     ``lazy`` skips the observations that fall out of the history window before the policy sees
     them (identical observations, see ``MultiStepWrapper``).
     """
-    options: dict[str, Any] = {"obs": meta.params["obs"]} if "obs" in meta.params else {}
-    if keys is not None:
-        options["keys"] = list(keys)
-    env = make_env(meta.suite, meta.task, **options, max_episode_steps=max_episode_steps)
+    suite = get_suite(meta.suite)
+    steps = max_episode_steps or suite.max_episode_steps(meta.task)
+    env = suite.env_for_store(meta, steps, list(keys) if keys is not None else None)
     return MultiStepWrapper(env, n_obs_steps, lazy=lazy)
 
 
@@ -117,17 +151,14 @@ class PolicyEpisodes:
     """Builds, inside a worker, the policy and ``envs`` envs, and returns their episode batch."""
 
     meta: StoreMeta
-    base: str
-    refiner: str | None
+    loader: PolicyLoader
     cfg: EvalConfig
     envs: int = 1
     video_dir: str | None = None
 
     def __call__(self) -> PolicyEpisodeBatch:
         torch.set_num_threads(self.cfg.num_threads)
-        policy, _ = load_eval_policy(
-            Path(self.base), Path(self.refiner) if self.refiner else None, self.cfg.weights
-        )
+        policy = self.loader(self.cfg.weights).policy
         envs = [
             make_eval_env(
                 self.meta, self.cfg.max_episode_steps, policy.n_obs_steps, policy.obs_keys, self.cfg.lazy_obs
@@ -139,8 +170,7 @@ class PolicyEpisodes:
 
 def evaluate(
     demos: Path,
-    base: Path,
-    refiner: Path | None,
+    policy: PolicyLoader,
     seed: int,
     out: Path,
     cfg: EvalConfig,
@@ -149,21 +179,21 @@ def evaluate(
     refiner_name: str | None = None,
     wait: bool = False,
 ) -> EvalResult:
-    """Roll out the (refined) policy for ``cfg.episodes`` episodes and write the results to ``out``.
+    """Roll out ``policy``'s policy for ``cfg.episodes`` episodes and write the results to ``out``.
 
-    ``refiner_name`` is recorded as the refiner (default: the refiner's registered name; a params
-    variant such as ``ibc_alone`` passes its own name). ``out`` is locked for the run (``wait``:
-    queue behind another writer); an interrupted run resumes from its journal.
+    ``seed`` is the training seed of the checkpoints (recorded). ``refiner_name`` is recorded as
+    the refiner (default: the loaded one's registered name; a params variant such as ``ibc_alone``
+    passes its own name). ``out`` is locked for the run (``wait``: queue behind another writer);
+    an interrupted run resumes from its journal.
     """
     check_writable(out)  # before anything: a read-only or full folder fails at once
     with OutputLock(out, wait):
-        return _evaluate(demos, base, refiner, seed, out, cfg, video_dir, progress, refiner_name)
+        return _evaluate(demos, policy, seed, out, cfg, video_dir, progress, refiner_name)
 
 
 def _evaluate(
     demos: Path,
-    base: Path,
-    refiner: Path | None,
+    loader: PolicyLoader,
     seed: int,
     out: Path,
     cfg: EvalConfig,
@@ -172,21 +202,23 @@ def _evaluate(
     refiner_name: str | None,
 ) -> EvalResult:
     meta = EpisodeStore(demos, check_values=False).meta
-    policy, method = load_eval_policy(base, refiner, cfg.weights)  # fail here, clearly, not in workers
-    missing = [k for k in policy.obs_keys if k not in meta.obs_kinds]
+    suite = get_suite(meta.suite)
+    cfg = replace(cfg, max_episode_steps=cfg.max_episode_steps or suite.max_episode_steps(meta.task))
+    loaded = loader(cfg.weights)  # fail here, clearly, not in the workers
+    missing = [k for k in loaded.policy.obs_keys if k not in meta.obs_kinds]
     if missing:
-        raise ValueError(f"{base}: the policy observes {missing[0]!r}, which {demos} does not hold")
-    is_refined = isinstance(policy, RefinedPolicy)
-    base_name = policy.base.name if is_refined else policy.name
-    refiner_name = refiner_name or (policy.refiner.name if is_refined else "none")
-    loaded = sorted({policy.base.weights, policy.refiner.weights} if is_refined else {policy.weights})
-    del policy
+        where = loader.checkpoints["base"]
+        raise ValueError(f"{where}: the policy observes {missing[0]!r}, which {demos} does not hold")
+    base_name, method, weights = loaded.base, loaded.method, loaded.weights
+    refiner_name = refiner_name or loaded.refiner
+    del loaded  # the workers load their own copies
     seeds = episode_seeds(cfg.seed, cfg.episodes, exclude=set(meta.episode_seeds))
     if video_dir is not None:
         video_dir.mkdir(parents=True, exist_ok=True)
-    workers, per_worker = plan(len(seeds), cfg.workers, cfg.envs_per_worker)
+    per_env = min(cfg.envs_per_worker, suite.max_envs_per_worker or cfg.envs_per_worker)
+    workers, per_worker = plan(len(seeds), cfg.workers, per_env)
     video = str(video_dir) if video_dir else None
-    factory = PolicyEpisodes(meta, str(base), str(refiner) if refiner else None, cfg, per_worker, video)
+    factory = PolicyEpisodes(meta, loader, cfg, per_worker, video)
     log.info(
         "evaluating %s on %s: %d episodes, %d workers x %d envs",
         method,
@@ -195,7 +227,7 @@ def _evaluate(
         workers,
         per_worker,
     )
-    journal = EvalJournal(out, _journal_header(meta, seeds, cfg, base, refiner))
+    journal = EvalJournal(out, _journal_header(meta, seeds, cfg, loader.checkpoints))
     finished = journal.start()
     records = run_in_workers(
         factory,
@@ -215,8 +247,9 @@ def _evaluate(
         refiner=refiner_name,
         seed=seed,
         method=method,
-        checkpoints={"base": str(base), "refiner": str(refiner) if refiner else None},
-        config=asdict(cfg) | {"weights": "+".join(loaded)},  # the weights loaded
+        metric=suite.metric,
+        checkpoints=loader.checkpoints,
+        config=asdict(cfg) | {"weights": weights},  # the weights loaded
         episodes=records,
     )
     with naming_path(out):  # a full disk names the file; the journal keeps every record
@@ -227,13 +260,10 @@ def _evaluate(
 
 
 def _journal_header(
-    meta: StoreMeta, seeds: list[int], cfg: EvalConfig, base: Path, refiner: Path | None
+    meta: StoreMeta, seeds: list[int], cfg: EvalConfig, checkpoints: dict[str, str | None]
 ) -> dict[str, Any]:
     """What determines an evaluation's records: a journal is resumed only if this is unchanged."""
-    checkpoints = {
-        "base": checkpoint_digest(base),
-        "refiner": checkpoint_digest(refiner) if refiner else None,
-    }
+    digests = {part: checkpoint_digest(Path(p)) if p else None for part, p in checkpoints.items()}
     return {
         "suite": meta.suite,
         "task": meta.task,
@@ -241,7 +271,7 @@ def _journal_header(
         "seeds": seeds,
         "max_episode_steps": cfg.max_episode_steps,
         "weights": cfg.weights,
-        "checkpoints": checkpoints,
+        "checkpoints": digests,
     }
 
 

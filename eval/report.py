@@ -4,9 +4,9 @@ Reads only the evaluation JSON files (:class:`~difftori.eval.results.EvalResult`
 like the paper's Tables 1-3: one table per suite, rows = methods (the base alone, then each
 refiner on it), columns = tasks + Average; a cell is the mean +- std (numpy's population std,
 ddof=0) over training seeds of the per-seed rate in percent, and the best mean of each column is
-bold. A single seed shows the mean alone. MetaWorld and ManiSkill report success rates; Robomimic
-and Push-T report failure rates (lower is better). The Average column is the mean of a method's
-per-task means (shown when the method has every task).
+bold. A single seed shows the mean alone. Each suite's metric comes from its results files (the
+suite's own choice: a success rate, or a failure rate where lower is better). The Average column
+is the mean of a method's per-task means (shown when the method has every task).
 
 Under each table, a second one gives each refined method's paired difference to its base (the
 result with the same suite, task, base policy and training seed and refiner ``none``): episodes
@@ -33,7 +33,6 @@ from difftori.eval.results import EpisodeRecord, EvalResult, ResultsError, wilso
 from difftori.eval.stats import PairedComparison
 
 log = logging.getLogger(__name__)
-METRIC_BY_SUITE = {"metaworld": "success", "maniskill": "success", "robomimic": "failure", "pusht": "failure"}
 REFINER_ORDER = ("none", "residual", "ibc", "difftori")
 ALL_TASKS = "All tasks"  # the paired table's column pooling the pairs of every task
 ALPHA = 0.05
@@ -121,7 +120,11 @@ def aggregate(results: list[tuple[Path, EvalResult]]) -> list[Table]:
     seen: dict[tuple[str, str, str, int], Path] = {}
     per_cell: dict[tuple[str, str, str], list[EvalResult]] = defaultdict(list)
     order: dict[tuple[str, str], tuple[str, int]] = {}
+    metrics: dict[str, tuple[str, Path]] = {}
     for path, r in results:
+        metric, first = metrics.setdefault(r.suite, (r.metric, path))
+        if r.metric != metric:
+            raise ResultsError(f"{path}: key 'metric': {r.metric!r}, but {first} has {metric!r} ({r.suite})")
         key = (r.suite, r.task, r.method, r.seed)
         if key in seen:
             raise ResultsError(f"{path}: duplicates {seen[key]} (suite, task, method, seed = {key})")
@@ -135,7 +138,7 @@ def aggregate(results: list[tuple[Path, EvalResult]]) -> list[Table]:
         order[(r.suite, r.method)] = (r.base, rank)
     tables: dict[str, Table] = {}
     for (suite, method, task), rs in sorted(per_cell.items()):
-        table = tables.setdefault(suite, Table(suite, METRIC_BY_SUITE.get(suite, "success")))
+        table = tables.setdefault(suite, Table(suite, metrics[suite][0]))
         summaries = [r.summary() for r in rs]
         rates = [
             100 * (s["success_rate"] if table.metric == "success" else 1 - s["success_rate"])
@@ -476,16 +479,26 @@ def metrics(tables: list[Table]) -> dict[str, Any]:
     return out
 
 
-def plot(table: Table, path: Path) -> None:
-    """Per-task grouped bars (one per method) with Wilson 95% intervals of the pooled episodes."""
+def plot(tables: list[Table], path: Path) -> None:
+    """One row of per-task grouped bars (one per method) per suite, with Wilson 95% intervals of
+    the pooled episodes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    widest = max(1.6 * len(t.tasks) * max(1, len(t.methods) / 3) for t in tables)
+    fig, axes = plt.subplots(len(tables), 1, figsize=(max(4.0, widest), 3.6 * len(tables)), squeeze=False)
+    for ax, table in zip(axes[:, 0], tables, strict=True):
+        _plot_table(ax, table)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _plot_table(ax: Any, table: Table) -> None:
     n_m = len(table.methods)
     width = 0.8 / n_m
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(table.tasks) * max(1, n_m / 3)), 3.2))
     for i, m in enumerate(table.methods):
         xs, ys, err = [], [], [[], []]
         for j, t in enumerate(table.tasks):
@@ -501,13 +514,10 @@ def plot(table: Table, path: Path) -> None:
     ax.set_ylim(0, 100)
     ax.set_title(f"{table.suite}: {table.metric} rate, Wilson 95% intervals")
     ax.legend(fontsize=7, ncol=min(n_m, 4), loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
 
 
 def _bars_csv(tables: list[Table]) -> str:
-    """Rows for the dvc.yaml ``plots:`` bar chart (method/task -> rate)."""
+    """Rows for the dvc.yaml ``plots:`` bar chart (suite's metric, task and method -> rate)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run", "rate"])
@@ -515,7 +525,7 @@ def _bars_csv(tables: list[Table]) -> str:
         for m in table.methods:
             for t in table.tasks:
                 if (c := table.cells.get((m, t))) is not None:
-                    w.writerow([f"{t} | {m}", f"{c.mean:.2f}"])
+                    w.writerow([f"{table.metric} | {t} | {m}", f"{c.mean:.2f}"])
     return buf.getvalue()
 
 
@@ -540,9 +550,9 @@ def write_report(results_dir: Path, tables_dir: Path, plots_dir: Path, metrics_p
         _write_text(tables_dir / f"{metric}.csv", render_csv(group))
         _write_text(tables_dir / f"{metric}_paired.csv", render_paired_csv(group))
         _write_text(tables_dir / f"{metric}.tex", render_latex(group))
-        _write_text(plots_dir / f"{metric}_bars.csv", _bars_csv(group))
-    for t in tables:
-        plot(t, plots_dir / f"{t.metric}_{t.suite}.png")
+    # Fixed names, whichever suites ran: dvc.yaml's plots section lists them.
+    _write_text(plots_dir / "rates.csv", _bars_csv(tables))
+    plot(tables, plots_dir / "rates.png")
     _write_text(metrics_path, json.dumps(metrics(tables), indent=2))
     log.info("report: %d results files, %d table(s) -> %s", len(files), len(tables), tables_dir)
     return tables

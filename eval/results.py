@@ -1,10 +1,11 @@
 """The evaluation results file: one JSON per (task, base policy, refiner, training seed).
 
-Layout (``format: difftori-eval``, ``version: 1``)::
+Layout (``format: difftori-eval``, ``version: 2``)::
 
-    {"format": "difftori-eval", "version": 1,
-     "suite": "metaworld", "task": "shelf-place", "base": "dp3", "refiner": "none", "seed": 0,
+    {"format": "difftori-eval", "version": 2,
+     "suite": "<suite>", "task": "shelf-place", "base": "dp3", "refiner": "none", "seed": 0,
      "method": "DP3",                       # the row label of the report's tables
+     "metric": "success",                   # the suite's table metric: "success" or "failure" rate
      "checkpoints": {"base": "...", "refiner": null},
      "config": {...},                       # the evaluation settings (EvalConfig)
      "episodes": [{"episode": 0, "env_seed": 123, "status": "ok", "success": true, "steps": 87,
@@ -17,6 +18,9 @@ Layout (``format: difftori-eval``, ``version: 1``)::
 written before they existed): how far the refiner moved the executed actions from the base's, in
 env units: per control step the mean and the max of |refined - base| over the executed actions,
 averaged over the episode's control steps (and, in the summary, over the completed episodes).
+
+Version 1 files (written when the only suite reported success rates) are read with
+``metric: success``.
 
 ``status`` is ``ok`` or ``error`` (the episode crashed twice); errored episodes are not counted in
 ``n``: a crash is never recorded as a failure. :class:`EvalResult` is the only code that reads or
@@ -32,7 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT, VERSION = "difftori-eval", 1
+from difftori.datasets.safeio import atomic_write_text
+
+FORMAT, VERSION = "difftori-eval", 2
+READABLE_VERSIONS = (1, 2)
+METRICS = ("success", "failure")
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -84,6 +92,7 @@ class EvalResult:
     refiner: str  # "none" for the base policy alone
     seed: int  # the training seed of the evaluated checkpoints
     method: str
+    metric: str = "success"  # what the tables report for this suite: "success" or "failure" rate
     checkpoints: dict[str, str | None] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     episodes: list[EpisodeRecord] = field(default_factory=list)
@@ -120,9 +129,7 @@ class EvalResult:
         """Write atomically (temporary file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod
@@ -137,8 +144,13 @@ class EvalResult:
             raise ResultsError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ResultsError(f"{path}: key 'format': expected {FORMAT!r}, got {_get(d, 'format')!r}")
-        if d.get("version") != VERSION:
-            raise ResultsError(f"{path}: key 'version': expected {VERSION}, got {d.get('version')!r}")
+        if d.get("version") not in READABLE_VERSIONS:
+            raise ResultsError(
+                f"{path}: key 'version': expected one of {READABLE_VERSIONS}, got {d.get('version')!r}"
+            )
+        metric = d.get("metric", "success") if d["version"] == 1 else d.get("metric")
+        if metric not in METRICS:
+            raise ResultsError(f"{path}: key 'metric': expected one of {METRICS}, got {metric!r}")
         expected = {"suite": str, "task": str, "base": str, "refiner": str, "seed": int, "method": str}
         for key, typ in expected.items():
             if not isinstance(d.get(key), typ):
@@ -155,6 +167,7 @@ class EvalResult:
                 raise ResultsError(f"{path}: key 'episodes[{i}]': bad status/success {e}")
             episodes.append(rec)
         kwargs = {k: d[k] for k in expected} | {
+            "metric": metric,
             "checkpoints": d.get("checkpoints", {}),
             "config": d.get("config", {}),
         }

@@ -1,8 +1,8 @@
-"""Running episodes: one of a scripted expert (demos), or a batch of a policy's (evaluation).
+"""The one episode runner: :class:`PolicyEpisodeBatch` steps several envs with one policy call.
 
-``run_episode`` steps one env action by action (and can record the episode); evaluation runs
-policies through :class:`PolicyEpisodeBatch`, several envs per policy call, in worker processes
-(``difftori.eval.workers``) or in this process (:func:`run_policy_episodes`).
+Evaluation runs it in worker processes (``difftori.eval.workers``) or in this process
+(:func:`run_policy_episodes`, e.g. rollouts during training); demo generation runs a scripted
+expert through it (:class:`ExpertPolicy`) and records the steps (``trajectories``).
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import numpy as np
 import torch
+from difftori.datasets.episode_store import ACTION_KEY
 from difftori.eval.results import EpisodeRecord
 from tqdm import tqdm
 
@@ -26,44 +26,29 @@ log = logging.getLogger(__name__)
 Act = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
-@dataclass
-class Episode:
-    """One finished episode. ``obs[k][t]`` is what the policy saw before taking ``actions[t]``."""
+class ExpertPolicy(torch.nn.Module):
+    """A scripted expert ``act(obs) -> action`` (one env step, numpy) behind the policy contract,
+    so demos run through the same :class:`PolicyEpisodeBatch` as evaluation: it observes one frame
+    (``n_obs_steps = 1``) and returns chunks of one action, clipped to ``[low, high]`` (what the env
+    executes and the store records; a scripted expert may ask for more than the bounds).
+    """
 
-    seed: int
-    success: bool
-    steps: int
-    ret: float
-    wall_s: float
-    obs: dict[str, np.ndarray] = field(default_factory=dict)
-    actions: np.ndarray | None = None
+    n_obs_steps = 1
 
+    def __init__(self, act: Act, obs_keys: Sequence[str], low: np.ndarray, high: np.ndarray) -> None:
+        super().__init__()
+        self.act, self.obs_keys = act, list(obs_keys)
+        self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
 
-def run_episode(env: gym.Env, act: Act, seed: int, *, record: bool = False) -> Episode:
-    """Reset ``env`` with ``seed`` and step ``act`` until success (termination) or the step limit."""
-    start = time.perf_counter()
-    obs, _ = env.reset(seed=seed)
-    low, high = env.action_space.low, env.action_space.high
-    seen: list[dict[str, np.ndarray]] = []
-    actions: list[np.ndarray] = []
-    ret, success, done, steps = 0.0, False, False, 0
-    while not done:
-        # What the env executes: experts (e.g. MetaWorld's) may ask for more than the bounds.
-        action = np.clip(np.asarray(act(obs), dtype=np.float32), low, high)
-        if record:
-            seen.append(obs)
-            actions.append(action)
-        obs, reward, terminated, truncated, info = env.step(action)
-        steps += 1
-        ret += float(reward)
-        success = success or bool(info.get("success", False))
-        done = terminated or truncated
-    episode = Episode(seed, success, steps, ret, 0.0)
-    if record:
-        episode.obs = {k: np.stack([o[k] for o in seen]) for k in seen[0]}
-        episode.actions = np.stack(actions)
-    episode.wall_s = time.perf_counter() - start
-    return episode
+    def reset(self) -> None:
+        """Experts are stateless between episodes."""
+
+    def predict_action(self, obs: dict[str, torch.Tensor], generators: Any = None) -> torch.Tensor:
+        rows = []
+        for i in range(len(next(iter(obs.values())))):
+            one = {k: v[i, -1].numpy() for k, v in obs.items()}
+            rows.append(np.clip(np.asarray(self.act(one), dtype=np.float32), self.low, self.high))
+        return torch.from_numpy(np.stack(rows)[:, None])
 
 
 @dataclass
@@ -79,6 +64,8 @@ class _Running:
     steps: int = 0
     ret: float = 0.0
     shifts: list[tuple[float, float]] = field(default_factory=list)
+    seen: list[dict[str, np.ndarray]] = field(default_factory=list)  # recorded steps (demos)
+    actions: list[np.ndarray] = field(default_factory=list)
 
 
 class PolicyEpisodeBatch:
@@ -90,15 +77,23 @@ class PolicyEpisodeBatch:
     executes each chunk in its env. A policy exposing ``last_action_shift`` (``RefinedPolicy``)
     has it averaged into the records. ``policy.reset()`` runs at each episode start: policies with
     per-episode state would need it per batch row (the registered ones have none).
-    The first ``videos`` episodes (by index) are saved as mp4 under ``video_dir``.
+    The first ``videos`` episodes (by index) are saved as mp4 under ``video_dir``. With a dict
+    ``trajectories``, every finished episode's steps go there by episode index, as
+    ``{obs key: (T, ...), "action": (T, Da)}`` (the observation before each executed action; the
+    policy must act one step per call, as :class:`ExpertPolicy` does).
     """
 
     def __init__(
-        self, envs: list[Any], policy: Any, videos: int = 0, video_dir: str | Path | None = None
+        self,
+        envs: list[Any],
+        policy: Any,
+        videos: int = 0,
+        video_dir: str | Path | None = None,
+        trajectories: dict[int, dict[str, np.ndarray]] | None = None,
     ) -> None:
         if not envs:
             raise ValueError("PolicyEpisodeBatch needs at least one env")
-        self.envs, self.policy = envs, policy
+        self.envs, self.policy, self.trajectories = envs, policy, trajectories
         self.device = next(iter(policy.parameters()), torch.empty(0)).device  # observations go there
         self.videos, self.video_dir = videos, Path(video_dir) if video_dir is not None else None
         self._runs: list[_Running | None] = [None] * len(envs)
@@ -134,6 +129,8 @@ class PolicyEpisodeBatch:
         finished = []
         for j, i in enumerate(idx):
             run = runs[j]
+            if self.trajectories is not None:
+                self._record(run, actions[j])
             run.obs, reward, terminated, truncated, info = self.envs[i].step(actions[j])
             run.ret += reward
             run.steps += info["steps"]
@@ -143,6 +140,13 @@ class PolicyEpisodeBatch:
             if terminated or truncated:
                 finished.append(self._finish(i))
         return finished
+
+    @staticmethod
+    def _record(run: _Running, chunk: np.ndarray) -> None:
+        if len(chunk) != 1:
+            raise ValueError(f"recording needs one action per policy call, got a chunk of {len(chunk)}")
+        run.seen.append({k: v[-1] for k, v in run.obs.items()})
+        run.actions.append(chunk[0])
 
     def _finish(self, i: int) -> EpisodeRecord:
         run, env = self._runs[i], self.envs[i]
@@ -158,6 +162,9 @@ class PolicyEpisodeBatch:
             action_shift_mean=shift[0],
             action_shift_max=shift[1],
         )
+        if self.trajectories is not None:
+            steps = {k: np.stack([o[k] for o in run.seen]) for k in run.seen[0]}
+            self.trajectories[run.episode] = steps | {ACTION_KEY: np.stack(run.actions)}
         if env.record_frames:
             path = self.video_dir / f"episode{run.episode:03d}_seed{run.seed}.mp4"
             try:
@@ -169,16 +176,21 @@ class PolicyEpisodeBatch:
 
 
 def run_policy_episodes(
-    envs: list[Any], policy: Any, jobs: list[tuple[int, int]], progress: bool = False
+    envs: list[Any],
+    policy: Any,
+    jobs: list[tuple[int, int]],
+    progress: bool = False,
+    trajectories: dict[int, dict[str, np.ndarray]] | None = None,
 ) -> list[EpisodeRecord]:
     """Roll ``policy`` out in this process for every job ``(episode index, env seed)``, stepping
     the ``envs`` (``MultiStepWrapper``s, e.g. from ``make_eval_env``) together; a freed env takes
     the next job. Records come back in the order of ``jobs``. The episodes and their records are
     those of ``difftori evaluate`` for the same seeds (no worker processes, retries or videos);
     the caller puts the policy in eval mode and on its device (observations are moved there; the
-    per-episode generators stay on the CPU, as in evaluation).
+    per-episode generators stay on the CPU, as in evaluation). ``trajectories``: see
+    :class:`PolicyEpisodeBatch`.
     """
-    batch, todo = PolicyEpisodeBatch(envs, policy), deque(jobs)
+    batch, todo = PolicyEpisodeBatch(envs, policy, trajectories=trajectories), deque(jobs)
     records: dict[int, EpisodeRecord] = {}
     with tqdm(total=len(jobs), desc="episodes", unit="ep", disable=not progress) as bar:
         while todo or batch.running:

@@ -8,7 +8,9 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import yaml
 from difftori.datasets.safeio import OutputLock
 from difftori.pipeline import paths
 
@@ -43,20 +45,27 @@ def _check_checkpoint_name(path: Path, kind: str, expected: str, flag: str) -> N
         )
 
 
-def _demos(args: argparse.Namespace) -> None:
-    from difftori.eval.demos import DemoConfig, generate_demos
+def _parse_obs(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (VALUE read as YAML: 512, true, [a, b]) as a dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--obs {item!r}: expected KEY=VALUE, e.g. --obs n_points=512")
+        out[key] = yaml.safe_load(value)
+    return out
 
-    obs = {"n_points": args.n_points, "image": args.image}
-    cfg = DemoConfig(
-        suite=args.suite,
-        task=args.task,
-        episodes=args.episodes,
-        seed=args.seed,
-        max_attempts=args.max_attempts,
-        max_episode_steps=args.max_episode_steps,
-        obs=obs,
-        zarr_format=args.zarr_format,
-    )
+
+def _demos(args: argparse.Namespace) -> None:
+    from difftori.eval.demos import generate_demos
+    from difftori.pipeline.params import demo_config, load_params, section
+
+    params = load_params(args.params) if args.params else {}
+    flags = ("suite", "episodes", "seed", "max_attempts", "max_episode_steps", "zarr_format")
+    overrides = {k: getattr(args, k) for k in flags if getattr(args, k) is not None}
+    if args.obs:
+        overrides["obs"] = section(params, "demos", "obs") | _parse_obs(args.obs)
+    cfg = demo_config(params, args.task, str(args.params or "command line"), **overrides)
     store = generate_demos(cfg, args.out, overwrite=args.overwrite, resume=not args.no_resume, wait=args.wait)
     log.info(
         "%s: %d episodes (%d tried), %d steps, keys %s",
@@ -72,25 +81,75 @@ def _add_demos(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demos",
         help="record scripted-expert demonstrations into a zarr episode store",
-        description="Roll out the suite's scripted expert for one task and record the successful "
-        "episodes (point clouds, low-dim state, actions) into a zarr episode store. "
-        "An interrupted run resumes from <out>.partial.",
+        description="Write one task's demonstrations into a zarr episode store, the suite's way: "
+        "each suite records its scripted expert its own way (docs/architecture.md, 'Suites'). "
+        "Settings come from the params "
+        "file's suite and demos sections (if --params is given), then these flags. An interrupted "
+        "run resumes from <out>.partial.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--suite", default="metaworld", help="simulator suite (metaworld)")
-    p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
-    p.add_argument("--episodes", type=int, default=10, help="successful episodes to keep")
-    p.add_argument("--seed", type=int, default=0, help="seed from which every episode seed is drawn")
+    p.add_argument("--suite", help="simulator suite (default: the params file's suite)")
+    p.add_argument("--task", required=True, help="task name, e.g. shelf-place or lift")
+    p.add_argument("--params", type=Path, help="params file whose suite and demos sections to use")
+    p.add_argument("--episodes", type=int, help="successful episodes to keep (default 10)")
+    p.add_argument("--seed", type=int, help="seed from which every episode seed is drawn (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output store, e.g. data/demos/<task>.zarr")
-    p.add_argument("--max-attempts", type=int, default=0, help="episodes to try at most (0: 3x episodes)")
-    p.add_argument("--max-episode-steps", type=int, default=200, help="step limit of one episode")
-    p.add_argument("--n-points", type=int, default=512, help="points per point cloud")
-    p.add_argument("--image", action="store_true", help="also record RGB images")
-    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2, help="zarr format to write")
+    p.add_argument("--max-attempts", type=int, help="episodes to try at most (default 3x episodes)")
+    p.add_argument("--max-episode-steps", type=int, help="step limit of one episode (default: the suite's)")
+    p.add_argument(
+        "--obs",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an observation option of the suite, e.g. n_points=512 or images=true (repeatable)",
+    )
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), help="zarr format to write (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-resume", action="store_true", help="ignore a partial store left by a crash")
     _add_wait(p)
     p.set_defaults(func=_demos)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from difftori.datasets.robomimic_hdf5 import convert_robomimic
+
+    store = convert_robomimic(
+        args.file,
+        args.out,
+        task=args.task,
+        actions=args.actions,
+        zarr_format=args.zarr_format,
+        overwrite=args.overwrite,
+        wait=args.wait,
+    )
+    splits = {name: len(eps) for name, eps in store.meta.splits.items()}
+    log.info(
+        "%s: %d episodes, %d steps, keys %s, splits %s",
+        *(store.path, store.n_episodes, store.n_steps),
+        store.keys,
+        splits,
+    )
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert another project's demonstration file into a zarr episode store",
+        description="Convert a robomimic hdf5 (data/demo_N with obs, next_obs, actions; env_args; "
+        "mask/<filter> splits) into a difftori episode store. Low-dim keys become float32, images "
+        "HWC -> CHW; env_args is kept so evaluation rebuilds exactly that env; mask/train and "
+        "mask/valid become the training/validation split.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("format", choices=("robomimic",), help="the file's format")
+    p.add_argument("file", type=Path, help="the file to convert, e.g. low_dim_v15.hdf5")
+    p.add_argument("--out", type=Path, required=True, help="output store, e.g. data/demos/<task>.zarr")
+    p.add_argument("--task", help="task name (default: from the file's env name, e.g. Lift -> lift)")
+    p.add_argument("--actions", default="actions", choices=("actions", "actions_abs"), help="action key")
+    p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2, help="zarr format to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    _add_wait(p)
+    p.set_defaults(func=_convert)
 
 
 def _train_base(args: argparse.Namespace) -> None:
@@ -277,6 +336,7 @@ def _add_train_refiner(sub: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from difftori.base_policies.configs import config_from_dict
     from difftori.eval.evaluate import EvalConfig, evaluate
+    from difftori.pipeline.compose import policy_loader
     from difftori.pipeline.params import load_params, refiner_config, section
 
     params = load_params(args.params)
@@ -292,8 +352,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         _check_checkpoint_name(refiner, "refiner", kind, "--refiner")
     evaluate(
         demos=args.demos or paths.demos(args.task),
-        base=base,
-        refiner=refiner,
+        policy=policy_loader(base, refiner),
         seed=args.seed,
         out=args.out or paths.eval_result(args.task, args.policy, args.refiner, args.seed),
         cfg=cfg,
@@ -477,6 +536,7 @@ def _add_inspect_refiner(sub: argparse._SubParsersAction) -> None:
 # Each entry adds one subcommand (one pipeline stage; ``check`` verifies outputs).
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_demos,
+    _add_convert,
     _add_train_base,
     _add_init_actions,
     _add_train_refiner,

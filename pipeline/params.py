@@ -78,15 +78,6 @@ SECTIONS: dict[str, str] = {
     "train_refiner": "TrainConfig",
     "evaluate": "EvalConfig",
 }
-DEMOS_KEYS: dict[str, type] = {
-    "episodes": int,
-    "seed": int,
-    "max_episode_steps": int,
-    "n_points": int,
-    "zarr_format": int,
-    "max_attempts": int,
-    "image": bool,
-}
 
 
 def _check_list(params: dict[str, Any], key: str, item: type, where: str) -> list[Any]:
@@ -96,12 +87,23 @@ def _check_list(params: dict[str, Any], key: str, item: type, where: str) -> lis
     return value
 
 
-def _check_demos(demos: dict[str, Any], where: str) -> None:
-    for key, value in demos.items():
-        if key not in DEMOS_KEYS:
-            raise ValueError(f"{where}: demos: unknown key {key!r}; valid keys: {sorted(DEMOS_KEYS)}")
-        if type(value) is not DEMOS_KEYS[key]:
-            raise ValueError(f"{where}: demos.{key}: expected {DEMOS_KEYS[key].__name__}, got {value!r}")
+def demo_config(params: dict[str, Any], task: str, where: str, **overrides: Any) -> Any:
+    """The :class:`~difftori.eval.demos.DemoConfig` of ``task``: params ``suite`` and ``demos``
+    (its ``obs`` validated against the suite's observation options), then ``overrides``."""
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.eval.demos import DemoConfig
+    from difftori.eval.suites import get_suite, suite_names
+
+    d = {"suite": params.get("suite")} | section(params, "demos") | overrides | {"task": task}
+    if not d["suite"]:
+        raise ValueError(f"{where}: no suite: give --suite or `suite:`; suites: {', '.join(suite_names())}")
+    try:
+        suite = get_suite(d["suite"])
+    except ValueError as e:
+        raise ValueError(f"{where}: suite: {e}") from None
+    cfg = config_from_dict(DemoConfig, d, f"{where}: demos")
+    config_from_dict(suite.obs_config, cfg.obs, f"{where}: demos.obs ({cfg.suite})")
+    return cfg
 
 
 def _registered(name: str, names: Any, key: str, what: str, where: str, hint: str = "") -> None:
@@ -142,6 +144,7 @@ def validate_params(params: dict[str, Any], where: str | Path = "params") -> Non
     are errors naming the key and listing the valid ones (a typo is never silently ignored)."""
     from difftori.base_policies.configs import config_from_dict
     from difftori.eval.evaluate import EvalConfig
+    from difftori.eval.suites import get_suite
     from difftori.pipeline.init_actions import InitActionsConfig
     from difftori.pipeline.training import TrainConfig
 
@@ -150,9 +153,12 @@ def validate_params(params: dict[str, Any], where: str | Path = "params") -> Non
         raise ValueError(f"{where}: unknown section {unknown[0]!r}; valid sections: {', '.join(SECTIONS)}")
     if not isinstance(params.get("suite", ""), str):
         raise ValueError(f"{where}: suite: expected str, got {params['suite']!r}")
-    _check_list(params, "tasks", str, str(where))
+    tasks = _check_list(params, "tasks", str, str(where))
     _check_list(params, "seeds", int, str(where))
-    _check_demos(section(params, "demos"), str(where))
+    if "suite" in params or "demos" in params or tasks:
+        suite = demo_config(params, "", str(where)).suite
+        for task in tasks:
+            _registered(task, get_suite(suite).tasks(), "tasks", f"{suite} task", str(where))
     configs = {"train_base": TrainConfig, "train_refiner": TrainConfig, "init_actions": InitActionsConfig}
     for key, cls in (configs | {"evaluate": EvalConfig}).items():
         config_from_dict(cls, section(params, key), f"{where}: {key}")

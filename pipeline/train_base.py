@@ -37,6 +37,16 @@ def split_episodes(n: int, val_episodes: int, seed: int) -> tuple[list[int], lis
     return sorted(order[val_episodes:].tolist()), sorted(order[:val_episodes].tolist())
 
 
+def store_split(store: EpisodeStore, cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """The store's own ``train``/``valid`` split when it has one (a robomimic file's masks),
+    otherwise a seeded split holding out ``cfg.val_episodes`` episodes."""
+    splits = store.meta.splits
+    if "train" in splits and "valid" in splits:
+        log.info("%s: using the store's own train/valid split", store.path)
+        return list(splits["train"]), list(splits["valid"])
+    return split_episodes(store.n_episodes, cfg.val_episodes, cfg.seed)
+
+
 def train_base(
     task: str,
     policy_name: str,
@@ -82,7 +92,7 @@ def _train_base(
     demos = store.path
     L.seed_everything(cfg.seed, verbose=False)  # before building: initial weights are seeded too
     policy = make_policy(policy_name, policy_config, ShapeMeta.from_store(store))
-    train_eps, val_eps = split or split_episodes(store.n_episodes, cfg.val_episodes, cfg.seed)
+    train_eps, val_eps = split or store_split(store, cfg)
     windows = dict(obs_keys=policy.obs_keys, horizon=policy.horizon, n_obs_steps=policy.n_obs_steps)
     train = WindowDataset(store, episodes=train_eps, **windows)
     val = WindowDataset(store, episodes=val_eps, **windows) if val_eps else None

@@ -22,7 +22,7 @@ leaves the argmin unchanged). Method labels name every setting that differs from
 Chunk <-> horizon: one planning action ``a_l`` is one whole action window of the base policy
 (H_window x Da, normalised, flattened). ``a_0`` is the window being refined; for H > 1 the
 lookahead windows ``a_1..a_{H-1}`` start as copies of ``a_0`` and are free variables that only
-shape the objective. H = 1 is the official MetaWorld setting (the paper's Table 7 ablates 1, 3, 5);
+shape the objective. H = 1 is the official code's setting (the paper's Table 7 ablates 1, 3, 5);
 there the solver gets the objective's Jacobian in closed form (``residual_jacobian``).
 
 Where LM starts (``init``, the paper's Tables 4-5 ablation) is separate from the anchor:

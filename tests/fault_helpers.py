@@ -68,8 +68,7 @@ class FaultyEpisodes:
     """Same constructor as ``PolicyEpisodes``; builds a :class:`FaultyBatch` of ``envs`` envs."""
 
     meta: Any
-    base: str
-    refiner: str | None
+    loader: Any
     cfg: Any
     envs: int = 1
     video_dir: str | None = None

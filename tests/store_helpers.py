@@ -38,6 +38,7 @@ def write_policy_store(path, episodes: int = 3, length: int = 24, n_points: int 
     rng = np.random.default_rng(seed)
     meta = StoreMeta(
         task="toy",
+        suite="metaworld",  # for the suite's metric and step limit; the toy task has no env
         source="test",
         obs_kinds={"point_cloud": "point_cloud", "agent_pos": "lowdim", "state": "lowdim"},
         action_low=[-1.0] * 4,

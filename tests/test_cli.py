@@ -18,15 +18,17 @@ def test_help_at_every_level():
     assert top.returncode == 0 and "demos" in top.stdout
     demos = run_cli("demos", "--help")
     assert demos.returncode == 0
-    for flag in ("--task", "--episodes", "--seed", "--out", "--n-points", "--zarr-format"):
+    for flag in ("--task", "--params", "--episodes", "--seed", "--out", "--obs", "--zarr-format"):
         assert flag in demos.stdout
 
 
 def test_unknown_task_exits_nonzero_and_lists_tasks(tmp_path):
     out = tmp_path / "x.zarr"
-    r = run_cli("demos", "--task", "shelf-plaice", "--episodes", "1", "--out", str(out))
+    r = run_cli(
+        "demos", "--suite", "metaworld", "--task", "shelf-plaice", "--episodes", "1", "--out", str(out)
+    )
     assert r.returncode == 1
-    assert "unknown MetaWorld task 'shelf-plaice'" in r.stderr and "shelf-place" in r.stderr
+    assert "unknown metaworld task 'shelf-plaice'" in r.stderr and "shelf-place" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -38,11 +40,13 @@ def test_unknown_task_exits_nonzero_and_lists_tasks(tmp_path):
             ["--task", "shelf-place", "--max-attempts", "3", "--episodes", "5"],
             "max_attempts (3) < episodes (5)",
         ),
-        (["--suite", "robosuit", "--task", "lift"], "valid suites: metaworld"),
+        (["--suite", "robosuit", "--task", "lift"], "unknown suite 'robosuit'; registered suites: metaworld"),
+        (["--task", "reach", "--obs", "n_pionts=64"], "unknown keys ['n_pionts'] for MetaWorldObsConfig"),
+        (["--task", "reach", "--obs", "n_points"], "--obs 'n_points': expected KEY=VALUE"),
     ],
 )
 def test_bad_values_exit_1(tmp_path, caplog, args, message):
-    assert main(["demos", *args, "--out", str(tmp_path / "x.zarr")]) == 1
+    assert main(["demos", "--suite", "metaworld", *args, "--out", str(tmp_path / "x.zarr")]) == 1
     assert message in caplog.text
     assert list(tmp_path.iterdir()) == []
 
@@ -62,7 +66,9 @@ def test_existing_output_is_not_replaced(tmp_path, caplog):
     out = tmp_path / "x.zarr"
     out.mkdir()
     (out / "keep").write_text("mine")
-    assert main(["demos", "--task", "reach", "--episodes", "1", "--out", str(out)]) == 1
+    assert (
+        main(["demos", "--suite", "metaworld", "--task", "reach", "--episodes", "1", "--out", str(out)]) == 1
+    )
     assert "already exists" in caplog.text and (out / "keep").read_text() == "mine"
 
 
@@ -76,3 +82,9 @@ def test_packages_live_under_the_difftori_namespace(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert r.stdout.strip() == "[True, True, True, True, True] [False, False, False]", r.stderr
+
+
+def test_demos_without_a_suite_name_the_choices(tmp_path, caplog):
+    assert main(["demos", "--task", "reach", "--out", str(tmp_path / "x.zarr")]) == 1
+    assert "no suite: give --suite or `suite:`; suites: metaworld, robomimic" in caplog.text
+    assert list(tmp_path.iterdir()) == []

@@ -76,8 +76,8 @@ def test_dvc_plots_show_loads_every_curve(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     curves = _fake_logs(repo, params)
     (repo / "results/plots").mkdir(parents=True)
-    (repo / "results/plots/success_bars.csv").write_text("run,rate\nsweep | DP3,70.00\n")
-    (repo / "results/plots/success_metaworld.png").write_bytes(_png())
+    (repo / "results/plots/rates.csv").write_text("run,rate\nsuccess | sweep | DP3,70.00\n")
+    (repo / "results/plots/rates.png").write_bytes(_png())
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "fake logs"], repo)
 
@@ -86,6 +86,6 @@ def test_dvc_plots_show_loads_every_curve(tmp_path):
     loaded = {name for name, plots in shown["data"].items() if plots}
     assert set(curves) <= loaded, sorted(set(curves) - loaded)
     assert not any(name.endswith(".gitignore") for name in shown["data"])
-    assert {"results/plots/success_bars.csv", "results/plots/success_metaworld.png"} <= loaded
+    assert {"results/plots/rates.csv", "results/plots/rates.png"} <= loaded
     values = shown["data"][curves[0]][0]["content"]["data"]["values"]
     assert [(v["step"], v["loss"]) for v in values] == [("0", "1.0"), ("10", "0.5")]

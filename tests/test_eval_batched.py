@@ -8,10 +8,12 @@ import pytest
 import torch
 from difftori.base_policies import ShapeMeta, make_policy
 from difftori.datasets.episode_store import ACTION_KEY, EpisodeStore, StoreMeta
-from difftori.eval.envs import make_env
-from difftori.eval.evaluate import EvalConfig, evaluate, load_eval_policy, make_eval_env, run_policy_episodes
+from difftori.eval.evaluate import EvalConfig, evaluate, make_eval_env, run_policy_episodes
+from difftori.eval.multistep import MultiStepWrapper
 from difftori.eval.results import EvalResult
-from difftori.eval.rollout import run_episode
+from difftori.eval.rollout import ExpertPolicy
+from difftori.eval.suites.metaworld import make_env
+from difftori.pipeline.compose import policy_loader
 from difftori.refiners import REFINERS, RefinedPolicy
 from store_helpers import TINY
 
@@ -31,9 +33,12 @@ SMALL_DIFFTORI = {
 def models(tmp_path_factory):
     """A sweep-into store of one random-action episode, and untrained tiny DP3 and DiffTORI on it."""
     root = tmp_path_factory.mktemp("batched")
-    env = make_env("metaworld", "sweep-into", obs=OBS, max_episode_steps=24)
+    env = make_env("sweep-into", obs=OBS, max_episode_steps=24)
     rng = np.random.default_rng(0)
-    ep = run_episode(env, lambda obs: rng.uniform(-1, 1, 4), seed=0, record=True)
+    space = env.action_space
+    random = ExpertPolicy(lambda obs: rng.uniform(-1, 1, 4), list(env.obs_kinds), space.low, space.high)
+    steps = {}
+    run_policy_episodes([MultiStepWrapper(env, 1)], random, [(0, 0)], trajectories=steps)
     meta = StoreMeta(
         task="sweep-into",
         suite="metaworld",
@@ -46,7 +51,7 @@ def models(tmp_path_factory):
     )
     env.close()
     with EpisodeStore.create(root / "demos.zarr", meta) as w:
-        w.add_episode({**ep.obs, ACTION_KEY: ep.actions}, seed=0)
+        w.add_episode(steps[0], seed=0)
     store = EpisodeStore(root / "demos.zarr")
     shape = ShapeMeta.from_store(store)
     data = {k: store.array(k)[:] for k in ("point_cloud", "agent_pos", ACTION_KEY)}
@@ -60,7 +65,7 @@ def models(tmp_path_factory):
 
 
 def _records(root, refined: bool, n_envs: int, seeds: list[int], max_steps: int):
-    policy, _ = load_eval_policy(root / "dp3", root / "difftori" if refined else None)
+    policy = policy_loader(root / "dp3", root / "difftori" if refined else None)().policy
     meta = EpisodeStore(root / "demos.zarr", check_values=False).meta
     envs = [make_eval_env(meta, max_steps, policy.n_obs_steps, policy.obs_keys) for _ in range(n_envs)]
     try:
@@ -91,8 +96,7 @@ def test_workers_give_the_in_process_records_with_action_shifts(models, tmp_path
     cfg = EvalConfig(episodes=3, max_episode_steps=9, workers=1, envs_per_worker=2, videos=1)
     result = evaluate(
         models / "demos.zarr",
-        models / "dp3",
-        models / "difftori",
+        policy_loader(models / "dp3", models / "difftori"),
         0,
         tmp_path / "r.json",
         cfg,
@@ -115,7 +119,7 @@ def test_workers_give_the_in_process_records_with_action_shifts(models, tmp_path
 
 
 def test_action_shift_is_over_the_executed_actions(models):
-    policy, _ = load_eval_policy(models / "dp3", models / "difftori")
+    policy = policy_loader(models / "dp3", models / "difftori")().policy
     assert isinstance(policy, RefinedPolicy) and policy.last_action_shift is None
     obs = {"point_cloud": torch.randn(2, 2, 64, 3), "agent_pos": torch.randn(2, 2, 4)}
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]

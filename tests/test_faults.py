@@ -176,7 +176,7 @@ def test_holder_read_in_the_instant_before_it_is_recorded(tmp_path):
 def test_locked_demo_store_fails_at_once_through_the_cli(tmp_path):
     out = tmp_path / "d.zarr"
     with OutputLock(out):
-        r = run_cli("demos", "--task", "reach", "--episodes", "1", "--out", str(out))
+        r = run_cli("demos", "--suite", "metaworld", "--task", "reach", "--episodes", "1", "--out", str(out))
     assert r.returncode == 1
     assert f"{out}: being written by pid {os.getpid()}" in r.stderr and "--wait" in r.stderr
     assert r.stderr.count("\n") == 1  # one clear line, no traceback
@@ -365,7 +365,23 @@ def test_truncated_last_checkpoint_falls_back_then_errors(store, reference, tmp_
 def test_overwrite_refuses_to_replace_a_file(tmp_path, caplog):
     out = tmp_path / "d.zarr"
     out.write_text("not a store")
-    assert main(["demos", "--task", "reach", "--episodes", "1", "--out", str(out), "--overwrite"]) == 1
+    assert (
+        main(
+            [
+                "demos",
+                "--suite",
+                "metaworld",
+                "--task",
+                "reach",
+                "--episodes",
+                "1",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 1
+    )
     assert "d.zarr: /: exists and is a file, not a store" in caplog.text
     assert out.read_text() == "not a store" and sorted(p.name for p in tmp_path.iterdir()) == ["d.zarr"]
 

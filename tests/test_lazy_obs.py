@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from difftori.eval.envs import make_env
-from difftori.eval.envs.multistep import MultiStepWrapper
-from difftori.eval.experts import make_expert
+from difftori.eval.multistep import MultiStepWrapper
+from difftori.eval.suites.metaworld import MetaWorldExpert, make_env
 
 TASK, SEED = "sweep-into", 5
 
@@ -12,8 +11,8 @@ TASK, SEED = "sweep-into", 5
 def expert_actions(steps: int) -> np.ndarray:
     """The scripted expert's actions from ``SEED`` (closed loop on ``state``; it succeeds mid-run)."""
     env, expert = (
-        make_env("metaworld", TASK, keys=["state"], max_episode_steps=steps),
-        make_expert("metaworld", TASK),
+        make_env(TASK, keys=["state"], max_episode_steps=steps),
+        MetaWorldExpert(TASK),
     )
     obs, _ = env.reset(seed=SEED)
     actions = []
@@ -27,7 +26,7 @@ def expert_actions(steps: int) -> np.ndarray:
 
 
 def counting_env(max_steps: int, lazy: bool, n_obs_steps: int) -> tuple[MultiStepWrapper, list[int]]:
-    env = make_env("metaworld", TASK, max_episode_steps=max_steps)
+    env = make_env(TASK, max_episode_steps=max_steps)
     calls, cloud = [], env.point_cloud
 
     def counted() -> np.ndarray:
@@ -78,8 +77,8 @@ def test_lazy_observations_equal_eager_ones(source, n_obs_steps, n_action_steps)
 
 
 def test_env_computes_only_the_keys_asked_for():
-    full = make_env("metaworld", TASK, max_episode_steps=5)
-    low = make_env("metaworld", TASK, max_episode_steps=5, keys=["agent_pos", "state"])
+    full = make_env(TASK, max_episode_steps=5)
+    low = make_env(TASK, max_episode_steps=5, keys=["agent_pos", "state"])
     low.point_cloud = None  # never called
     assert list(low.observation_space.spaces) == ["agent_pos", "state"] and list(low.obs_kinds) == [
         "agent_pos",
@@ -92,6 +91,6 @@ def test_env_computes_only_the_keys_asked_for():
         a, *_ = full.step(action)
         b, *_ = low.step(action)
     with pytest.raises(ValueError, match="unknown observation keys \\['pixels'\\]"):
-        make_env("metaworld", TASK, keys=["pixels"])
+        make_env(TASK, keys=["pixels"])
     full.close()
     low.close()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import zarr
 from difftori.eval.demos import DemoConfig, generate_demos
-from difftori.eval.envs import make_env
-from difftori.eval.envs.metaworld_env import MetaWorldObsConfig
+from difftori.eval.suites import get_suite
+from difftori.eval.suites.metaworld import MetaWorldEnv, MetaWorldObsConfig, make_env
 
 TASK = "shelf-place"
 CFG = DemoConfig(suite="metaworld", task=TASK, episodes=2, seed=3, max_episode_steps=150)
@@ -53,7 +53,7 @@ def test_same_seed_gives_identical_demos(stores):
 def test_kept_episodes_replay_to_success(stores):
     """Open-loop replay of the recorded actions from the recorded seed succeeds on the last step."""
     store = stores[0]
-    env = make_env("metaworld", TASK, obs=MetaWorldObsConfig(n_points=64))
+    env = MetaWorldEnv(TASK, obs=MetaWorldObsConfig(n_points=64))
     try:
         for i, seed in enumerate(store.meta.episode_seeds):
             ep = store.episode(i, keys=["action", "state"])
@@ -73,7 +73,7 @@ def test_point_clouds_are_in_the_box_and_see_the_object(stores):
     box = MetaWorldObsConfig().crop
     pc = store.array("point_cloud")[:]
     assert box.contains(pc.reshape(-1, 3), tol=1e-5).all()
-    env = make_env("metaworld", TASK)
+    env = make_env(TASK)
     try:
         for i, seed in enumerate(store.meta.episode_seeds):
             env.reset(seed=seed)
@@ -92,7 +92,7 @@ def test_point_cloud_follows_the_object(stores):
 
     A dense cloud (4096 points) so that the 4 cm puck is sampled wherever it stands.
     """
-    env = make_env("metaworld", TASK, obs=MetaWorldObsConfig(n_points=4096))
+    env = MetaWorldEnv(TASK, obs=MetaWorldObsConfig(n_points=4096))
     try:
         env.reset(seed=0)
         obj = env.object_position()
@@ -111,9 +111,11 @@ def test_point_cloud_follows_the_object(stores):
 
 def test_unknown_task_lists_valid_ones():
     with pytest.raises(ValueError, match="valid tasks: .*shelf-place"):
-        make_env("metaworld", "shelf-plaice")
-    with pytest.raises(ValueError, match="valid suites: metaworld"):
-        make_env("robosuit", TASK)
+        make_env("shelf-plaice")
+    with pytest.raises(ValueError, match="valid tasks: .*shelf-place"):
+        generate_demos(DemoConfig(suite="metaworld", task="shelf-plaice"), "never.zarr")
+    with pytest.raises(ValueError, match="registered suites: .*metaworld"):
+        get_suite("robosuit")
 
 
 def test_demos_resume_after_interruption(stores, tmp_path, monkeypatch):
@@ -121,7 +123,7 @@ def test_demos_resume_after_interruption(stores, tmp_path, monkeypatch):
     import difftori.eval.demos as demos
 
     out = tmp_path / "r.zarr"
-    real = demos.run_episode
+    real = demos.run_policy_episodes
     calls = {"n": 0}
 
     def dying(*a, **k):
@@ -130,11 +132,11 @@ def test_demos_resume_after_interruption(stores, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(demos, "run_episode", dying)
+    monkeypatch.setattr(demos, "run_policy_episodes", dying)
     with pytest.raises(KeyboardInterrupt):
         generate_demos(CFG, out)
     assert not out.exists() and out.with_name("r.zarr.partial").exists()
-    monkeypatch.setattr(demos, "run_episode", real)
+    monkeypatch.setattr(demos, "run_policy_episodes", real)
     store = generate_demos(CFG, out)
     assert store.meta.episode_seeds == stores[0].meta.episode_seeds
     np.testing.assert_array_equal(store.array("action")[:], stores[0].array("action")[:])

@@ -7,8 +7,8 @@ import pytest
 import yaml
 from difftori.base_policies import POLICIES
 from difftori.base_policies.configs import config_from_dict
-from difftori.eval.envs.metaworld_env import resolve_task
 from difftori.eval.evaluate import EvalConfig
+from difftori.eval.suites.metaworld import resolve_task
 from difftori.pipeline.params import refiner_config
 from difftori.pipeline.training import TrainConfig
 from difftori.refiners import REFINERS

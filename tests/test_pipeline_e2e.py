@@ -18,7 +18,7 @@ TINY = {
     "suite": "metaworld",
     "tasks": ["sweep-into"],
     "seeds": [0],
-    "demos": {"episodes": 2, "seed": 0, "max_episode_steps": 200, "n_points": 64, "zarr_format": 2},
+    "demos": {"episodes": 2, "seed": 0, "max_episode_steps": 200, "obs": {"n_points": 64}, "zarr_format": 2},
     "base_policies": ["dp3"],
     "policies": {
         "dp3": TINY_NET | {"encoder": TINY_ENCODER},
@@ -126,7 +126,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "\\begin{tabular}" in (repo / "results/tables/success.tex").read_text()
     metrics = json.loads((repo / "results/metrics.json").read_text())
     assert set(metrics["metaworld"][t]) == set(methods.values())
-    assert (repo / "results/plots/success_metaworld.png").is_file()
+    assert (repo / "results/plots/rates.png").is_file()
 
     status = _run(["dvc", "status"], repo)
     assert "up to date" in status, status

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 from difftori.eval.report import aggregate, render_latex, render_markdown, write_report
-from difftori.eval.results import EpisodeRecord, EvalResult
+from difftori.eval.results import EpisodeRecord, EvalResult, ResultsError
 from test_report_stats import mcnemar_reference, newcombe10_reference
 
 
@@ -17,7 +17,8 @@ def _result(suite, task, method, refiner, seed, outcomes, env_seeds=None, errors
         EpisodeRecord(i, s, status="error" if s in errors else "ok", success=o == "1", steps=5)
         for i, (s, o) in enumerate(zip(env_seeds, outcomes, strict=True))
     ]
-    return EvalResult(suite, task, "dp3", refiner, seed, method, episodes=eps)
+    metric = "failure" if suite == "robomimic" else "success"  # what each suite's results record
+    return EvalResult(suite, task, "dp3", refiner, seed, method, metric=metric, episodes=eps)
 
 
 BASE, IBC, DIFFTORI = "DP3", "IBC + DP3", "DiffTORI + DP3"
@@ -133,3 +134,26 @@ def test_failure_metric_and_missing_base(caplog):
     md = render_markdown([table])
     assert "failure rate of the method minus that of its base (negative = better)" in md
     assert "| IBC + DP3 | - | +40.0 [1.4, 64.5] p=0.12 | +40.0 [1.4, 64.5] p=0.12 |" in md
+
+
+def test_results_disagreeing_on_a_suites_metric_are_refused():
+    results = [
+        _result("robomimic", "lift", BASE, "none", 0, "1110"),
+        _result("robomimic", "can", BASE, "none", 0, "1110"),
+    ]
+    results[1].metric = "success"
+    with pytest.raises(ResultsError, match=r"r1: key 'metric': 'success', but r0 has 'failure'"):
+        aggregate([(f"r{i}", r) for i, r in enumerate(results)])
+
+
+def test_version_1_results_read_as_success_rates(tmp_path):
+    """Files written before results recorded the suite's metric were all MetaWorld's."""
+    d = _result("metaworld", "sweep", BASE, "none", 0, "10").to_dict()
+    d["version"] = 1
+    del d["metric"]
+    (tmp_path / "old.json").write_text(json.dumps(d))
+    assert EvalResult.read(tmp_path / "old.json").metric == "success"
+    d["version"], d["metric"] = 2, "rate"
+    (tmp_path / "bad.json").write_text(json.dumps(d))
+    with pytest.raises(ResultsError, match="bad.json: key 'metric': expected one of"):
+        EvalResult.read(tmp_path / "bad.json")

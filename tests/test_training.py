@@ -8,12 +8,12 @@ import torch
 import yaml
 from difftori.base_policies import ShapeMeta, load_policy, make_policy
 from difftori.base_policies.checkpoint import CheckpointError
-from difftori.datasets.episode_store import StoreError
+from difftori.datasets.episode_store import EpisodeStore, StoreError
 from difftori.datasets.init_action_store import InitActionStore
 from difftori.datasets.windows import WindowDataset
 from difftori.pipeline.cli import main
 from difftori.pipeline.init_actions import compute_init_actions
-from difftori.pipeline.train_base import split_episodes, train_base
+from difftori.pipeline.train_base import split_episodes, store_split, train_base
 from difftori.pipeline.training import LitTrainer, TrainConfig, fit
 from store_helpers import TINY_CONFIGS, write_policy_store
 
@@ -197,3 +197,17 @@ def test_cli_train_refiner_end_to_end(store, tmp_path, refiner):
     policy = RefinedPolicy(load_policy(base), loaded)
     obs = {k: v[None] for k, v in WindowDataset(store, policy.obs_keys, 4, 2)[0]["obs"].items()}
     assert policy.predict_action(obs, torch.Generator().manual_seed(0)).shape == (1, 3, 4)
+
+
+def test_a_stores_own_train_valid_split_is_used(tmp_path):
+    """A converted robomimic file's mask/train and mask/valid decide the validation episodes."""
+    plain = write_policy_store(tmp_path / "plain.zarr", episodes=4, length=8)
+    cfg = TrainConfig(val_episodes=1, seed=3)
+    assert store_split(plain, cfg) == split_episodes(4, 1, 3)
+    meta = plain.meta
+    meta.splits = {"train": [0, 2, 3], "valid": [1]}
+    meta.checksums = {}
+    with EpisodeStore.create(tmp_path / "split.zarr", meta) as w:
+        for e in range(4):
+            w.add_episode(plain.episode(e), seed=e)
+    assert store_split(EpisodeStore(tmp_path / "split.zarr"), cfg) == ([0, 2, 3], [1])

@@ -1,4 +1,5 @@
-"""MetaWorld (V3, goal-observable) as a gymnasium env with difftori's observation keys.
+"""The MetaWorld suite: MetaWorld (V3, goal-observable) as a gymnasium env with difftori's
+observation keys, MetaWorld's own scripted experts for demos, and its registration as a suite.
 
 Observations per step:
 
@@ -10,7 +11,8 @@ Observations per step:
 
 Actions are MetaWorld's 4-D ``[dx, dy, dz, grip]`` in [-1, 1]. An episode terminates at the first
 step whose ``info["success"]`` is set and is truncated after ``max_episode_steps``.
-Demo generation and evaluation both see the world through this class.
+Demo generation and evaluation both see the world through this class. The suite reports success
+rates; its step limit is 200 (DP3's and DiffTORI's MetaWorld setting).
 
 Skipping work nobody reads (the same code computes every observation that is made, so the numbers
 are identical): ``keys`` limits the observation to the keys a policy reads (e.g. no point cloud for
@@ -27,14 +29,22 @@ os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a displ
 
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import gymnasium as gym  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
+from difftori.base_policies.configs import config_from_dict  # noqa: E402
 from difftori.datasets.pointcloud import CropBox, depth_to_point_cloud  # noqa: E402
+from difftori.eval.suites import SUITES, Suite  # noqa: E402
+
+if TYPE_CHECKING:
+    from difftori.datasets.episode_store import EpisodeStore, StoreMeta
+    from difftori.eval.demos import DemoConfig
 
 CONTROL_MODE = "ee_delta_pos+gripper"
+MAX_EPISODE_STEPS = 200  # DP3's and DiffTORI's MetaWorld episode length
 # The paper's MetaWorld tasks use MetaWorld's V2 names; MetaWorld 3 ships them as V3.
 _VERSION_SUFFIX = "-v3"
 
@@ -86,7 +96,7 @@ class MetaWorldEnv(gym.Env):
         self,
         task: str,
         obs: MetaWorldObsConfig | None = None,
-        max_episode_steps: int = 200,
+        max_episode_steps: int = MAX_EPISODE_STEPS,
         keys: Sequence[str] | None = None,
     ) -> None:
         import metaworld
@@ -207,3 +217,49 @@ class MetaWorldEnv(gym.Env):
             self._rgb = mujoco.Renderer(self._env.model, size, size)
         self._rgb.update_scene(self._env.data, camera=self._cam_id)
         return np.ascontiguousarray(self._rgb.render().transpose(2, 0, 1))
+
+
+class MetaWorldExpert:
+    """MetaWorld's own scripted policy for a task (``metaworld.policies``), acting on ``state``."""
+
+    def __init__(self, task: str) -> None:
+        from metaworld.policies import ENV_POLICY_MAP
+
+        self._policy = ENV_POLICY_MAP[resolve_task(task)]()
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self._policy.get_action(obs["state"].astype(np.float64)), dtype=np.float32)
+
+
+def make_env(
+    task: str, obs: dict[str, Any] | None = None, max_episode_steps: int = MAX_EPISODE_STEPS, **kw: Any
+) -> MetaWorldEnv:
+    """A :class:`MetaWorldEnv` with observation options ``obs`` (a dict, validated)."""
+    cfg = config_from_dict(MetaWorldObsConfig, obs, f"{task}: obs")
+    return MetaWorldEnv(task, obs=cfg, max_episode_steps=max_episode_steps, **kw)
+
+
+def write_demos(cfg: DemoConfig, out: Path, overwrite: bool, resume: bool) -> EpisodeStore:
+    """MetaWorld's scripted expert, recorded through :class:`MetaWorldEnv` (successes only)."""
+    from difftori.eval.demos import record_expert_demos
+
+    env = make_env(cfg.task, cfg.obs, cfg.max_episode_steps)
+    return record_expert_demos(cfg, out, env, MetaWorldExpert(cfg.task), overwrite, resume)
+
+
+def env_for_store(meta: StoreMeta, max_episode_steps: int, keys: Sequence[str] | None) -> MetaWorldEnv:
+    """The env that made the store's demos: its task and recorded observation options."""
+    return make_env(meta.task, meta.params.get("obs"), max_episode_steps, keys=keys)
+
+
+SUITE = SUITES.register(
+    Suite(
+        name="metaworld",
+        metric="success",
+        obs_config=MetaWorldObsConfig,
+        tasks=metaworld_tasks,
+        max_episode_steps=lambda task: MAX_EPISODE_STEPS,
+        write_demos=write_demos,
+        env_for_store=env_for_store,
+    )
+)

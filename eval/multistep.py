@@ -15,7 +15,7 @@
 the observations after its last ``To`` steps stay in the history (after reset the history is the
 reset observation repeated, and each chunk starts from a history whose frames were all observed),
 so the first ``Ta - To`` steps of each chunk run with ``env.unwrapped.observe = False`` where the
-env has that switch (MetaWorld's renders nothing then). The observation returned after such a chunk
+env has that switch (it then renders nothing). The observation returned after such a chunk
 is bit-identical to the eager one. A step that ends the episode (terminated or truncated, possibly
 mid-chunk) returns an empty observation ``{}`` in lazy mode: no policy acts on it, and its history
 may hold skipped frames.
