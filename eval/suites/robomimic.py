@@ -3,9 +3,10 @@
 Demos (:func:`write_demos`) are made the way robomimic's own datasets are, with robosuite's and
 robomimic's own tools, run unmodified:
 
-1. a phase-based scripted expert (:mod:`.robomimic_experts`; Panda, OSC_POSE delta actions) acts
-   in ``robosuite.make(<env>)``, recorded by robosuite's ``DataCollectionWrapper``; attempts run
-   from ``cfg.attempt_seeds()`` until ``cfg.episodes`` succeed;
+1. a phase-based scripted expert (:mod:`.robomimic_experts`: lift, can, square; Panda, OSC_POSE
+   delta actions) acts in ``robosuite.make(<env>)``, recorded by robosuite's
+   ``DataCollectionWrapper``; attempts run from ``cfg.attempt_seeds()`` until ``cfg.episodes``
+   succeed;
 2. robosuite's ``gather_demonstrations_as_hdf5`` keeps the successful episodes (states, actions,
    model xml); its demos come in directory-listing order, so the groups are renamed to attempt
    order (``demo_1`` is the first kept attempt), matched by their initial state;
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan"}  # tasks with a scripted expert
+ENV_NAMES = {"lift": "Lift", "can": "PickPlaceCan", "square": "NutAssemblySquare"}  # tasks with an expert
 HORIZONS = {"lift": 400, "can": 400, "square": 400, "transport": 700, "tool_hang": 700}
 ROBOT = "Panda"
 # robosuite.make options of the recorded env (robomimic's datasets: Panda, 20 Hz, sparse reward).
@@ -132,13 +133,16 @@ def seed_robosuite(env: Any, seed: int) -> None:
 
 
 def make_expert(task: str, env: Any) -> Any:
-    """The scripted expert of ``task``; ``env`` (robosuite) gives PickPlaceCan's target bin."""
+    """The scripted expert of ``task``; ``env`` (robosuite) gives the fixed goal (can's target bin,
+    square's peg)."""
     from difftori.eval.suites import robomimic_experts as experts
 
     if task == "lift":
         return experts.lift_expert()
     if task == "can":
         return experts.can_expert(env.target_bin_placements[env.object_to_id["can"]])
+    if task == "square":
+        return experts.square_expert(np.array(env.sim.data.body_xpos[env.peg1_body_id]), env.table_offset[2])
     raise ValueError(f"no robomimic expert for task {task!r}; valid tasks: {', '.join(tasks())}")
 
 
