@@ -331,6 +331,7 @@ def convert_robomimic(
     wait: bool = False,
     params: dict[str, Any] | None = None,
     progress: bool = True,
+    attempts: int | None = None,
 ) -> EpisodeStore:
     """Convert the robomimic hdf5 file ``src`` into the episode store ``out`` (atomically).
 
@@ -341,6 +342,7 @@ def convert_robomimic(
     are the data's own min/max per dim). ``params`` (e.g. the generating config) is recorded in
     the metadata with ``env_args``, ``source_file``, ``actions`` and ``obs_options`` (the camera
     options of ``env_kwargs``, if any); ``mask/<filter>`` become the store's ``splits``.
+    ``attempts``: how many episodes the generator tried to keep these (default: one per demo).
 
     ``out`` is locked first (a second writer fails at once; ``wait``: waits); an existing ``out``
     needs ``overwrite``. Raises :class:`RobomimicFileError` (a ``ValueError``) naming the file,
@@ -358,6 +360,10 @@ def convert_robomimic(
                 for (_, steps), seed in zip(f.episodes(progress), episode_seeds, strict=True):
                     writer.add_episode(steps, seed)
                 writer.meta.splits = f.splits  # only now do the episodes exist
+                if attempts is not None:
+                    if attempts < writer.n_episodes:
+                        raise ValueError(f"attempts ({attempts}) < demos in {src} ({writer.n_episodes})")
+                    writer.meta.n_attempts = attempts
                 return writer.commit()
             except BaseException:
                 writer.discard()  # a conversion is rerun, never resumed

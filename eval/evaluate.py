@@ -203,7 +203,11 @@ def _evaluate(
 ) -> EvalResult:
     meta = EpisodeStore(demos, check_values=False).meta
     suite = get_suite(meta.suite)
-    cfg = replace(cfg, max_episode_steps=cfg.max_episode_steps or suite.max_episode_steps(meta.task))
+    cfg = replace(  # the suite's step limit and cap on envs per worker: the results record them
+        cfg,
+        max_episode_steps=cfg.max_episode_steps or suite.max_episode_steps(meta.task),
+        envs_per_worker=min(cfg.envs_per_worker, suite.max_envs_per_worker or cfg.envs_per_worker),
+    )
     loaded = loader(cfg.weights)  # fail here, clearly, not in the workers
     missing = [k for k in loaded.policy.obs_keys if k not in meta.obs_kinds]
     if missing:
@@ -215,8 +219,7 @@ def _evaluate(
     seeds = episode_seeds(cfg.seed, cfg.episodes, exclude=set(meta.episode_seeds))
     if video_dir is not None:
         video_dir.mkdir(parents=True, exist_ok=True)
-    per_env = min(cfg.envs_per_worker, suite.max_envs_per_worker or cfg.envs_per_worker)
-    workers, per_worker = plan(len(seeds), cfg.workers, per_env)
+    workers, per_worker = plan(len(seeds), cfg.workers, cfg.envs_per_worker)
     video = str(video_dir) if video_dir else None
     factory = PolicyEpisodes(meta, loader, cfg, per_worker, video)
     log.info(

@@ -163,6 +163,7 @@ def write_demos(cfg: DemoConfig, out: Path, overwrite: bool, resume: bool) -> Ep
         os.replace(made, target)  # same folder: atomic
     log.info("%s: robomimic hdf5 with %d demos", target, len(seeds))
     params = {**asdict(cfg), "obs": asdict(obs)}
+    attempts = cfg.attempt_seeds().index(seeds[-1]) + 1  # attempts run until the last kept one
     return convert_robomimic(
         target,
         out,
@@ -172,6 +173,7 @@ def write_demos(cfg: DemoConfig, out: Path, overwrite: bool, resume: bool) -> Ep
         zarr_format=cfg.zarr_format,
         overwrite=overwrite,
         params=params,
+        attempts=attempts,
     )
 
 
@@ -426,5 +428,6 @@ SUITES.register(
         max_episode_steps=max_episode_steps,
         write_demos=write_demos,
         env_for_store=env_for_store,
+        max_envs_per_worker=1,  # robosuite's OpenGL contexts do not share a process safely
     )
 )
