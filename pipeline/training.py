@@ -420,5 +420,9 @@ def save_trained(
     if logs is not None:
         with naming_path(logs):
             shutil.rmtree(logs, ignore_errors=True)
-            shutil.copytree(work_dir / "dvclive" / "plots" / "metrics", logs)
+            curves = work_dir / "dvclive" / "plots" / "metrics"
+            if curves.is_dir():
+                shutil.copytree(curves, logs)
+            else:  # nothing logged yet (fewer steps than the logging interval, no validation)
+                logs.mkdir(parents=True)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -1,5 +1,7 @@
-"""The whole pipeline through real ``dvc repro`` on a tiny params file, in a temporary copy of the
-repository: MetaWorld demos -> DP3 -> init actions -> refiners -> rollouts -> tables."""
+"""The whole pipeline through real ``dvc repro`` on tiny params files, in a temporary copy of the
+repository: MetaWorld demos -> DP3 -> init actions -> refiners -> rollouts -> success tables; and
+robomimic demos (robosuite's recorder, robomimic's scripts) -> Diffusion Policy -> refiners ->
+rollouts in the env rebuilt from env_args -> failure tables."""
 
 import csv
 import json
@@ -65,7 +67,8 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return r.stdout
 
 
-def test_dvc_repro_end_to_end(tmp_path):
+def _repo(tmp_path: Path, params: dict) -> Path:
+    """A git copy of the repository's tracked files (no dvc.lock) with ``params`` as params.yaml."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
     repo = tmp_path / "repo"
     for name in files.stdout.split():
@@ -73,11 +76,15 @@ def test_dvc_repro_end_to_end(tmp_path):
             continue
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
-    (repo / "params.yaml").write_text(yaml.safe_dump(TINY))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
     _run(["git", "init", "-q"], repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "tiny"], repo)
+    return repo
 
+
+def test_dvc_repro_end_to_end(tmp_path):
+    repo = _repo(tmp_path, TINY)
     _run(["dvc", "repro"], repo)
 
     t, b = "sweep-into", "dp3"
@@ -155,3 +162,46 @@ def test_dvc_repro_end_to_end(tmp_path):
     swap = dict(zip(rows[0], next(row for row in rows if row and row[0] == "swap"), strict=True))
     assert swap["metaworld.average.Diffusion Policy"] != "", swap  # the experiment's metrics
     assert "['diffusion']" in _run(["dvc", "params", "diff", "swap", "HEAD"], repo)
+
+
+LOWDIM = ["object", "robot0_eef_pos", "robot0_gripper_qpos"]
+TINY_ROBOMIMIC = TINY | {
+    "suite": "robomimic",
+    "tasks": ["lift"],
+    "demos": {"episodes": 2, "seed": 0, "obs": {"images": False}, "zarr_format": 2},
+    "base_policies": ["diffusion"],
+    "policies": {"diffusion": TINY_NET | {"obs_keys": LOWDIM, "encoder": {"lowdim_hidden": [16, 16]}}},
+    "train_base": TINY["train_base"] | {"val_episodes": 0},
+    "refiners": ["residual", "difftori"],
+    "refiner_configs": {
+        "residual": {"hidden": [16], "obs_keys": LOWDIM},
+        "difftori": TINY["refiner_configs"]["difftori"] | {"obs_keys": LOWDIM},
+    },
+}
+
+
+def test_dvc_repro_robomimic(tmp_path):
+    """The same graph on the robomimic suite: a failure-rate table from the env rebuilt from the
+    stored env_args; the robomimic hdf5 the store came from is kept beside it (untracked)."""
+    repo = _repo(tmp_path, TINY_ROBOMIMIC)
+    _run(["dvc", "repro"], repo)
+
+    t, b = "lift", "diffusion"
+    assert (repo / f"data/demos/{t}.hdf5").is_file() and (repo / f"data/demos/{t}.zarr").is_dir()
+    methods = {}
+    for refiner in ("none", "residual", "difftori"):
+        result = json.loads((repo / f"results/evals/{t}/{b}/{refiner}/seed0.json").read_text())
+        assert (result["suite"], result["metric"]) == ("robomimic", "failure")
+        assert [(e["status"], e["success"], e["steps"]) for e in result["episodes"]] == [
+            ("ok", False, 12)
+        ] * 2
+        assert result["config"]["envs_per_worker"] == 1
+        methods[refiner] = result["method"]
+    md = (repo / "results/tables/failure.md").read_text()
+    for method in methods.values():  # an untrained policy fails every 12-step episode: 100
+        assert f"| {method} | **100.0** | **100.0** |" in md, md  # all tied for best (lowest)
+    assert "failure rate of the method minus that of its base (negative = better)" in md
+    metrics = json.loads((repo / "results/metrics.json").read_text())
+    assert set(metrics["robomimic"][t]) == set(methods.values())
+    assert "up to date" in _run(["dvc", "status"], repo)
+    assert "data/demos/lift.hdf5" not in _run(["git", "status", "--porcelain"], repo)
