@@ -297,7 +297,8 @@ def test_misspelled_params_are_errors(store, tmp_path, caplog, edit, message):
 
 
 def test_shipped_params_files_are_valid_whole(caplog):
-    assert main(["check", str(ROOT / "params.yaml"), str(ROOT / "params-paper.yaml")]) == 0
+    files = ("params.yaml", "params-paper.yaml", "params-robomimic.yaml")
+    assert main(["check", *(str(ROOT / f) for f in files)]) == 0
     assert main(["check", str(ROOT / "nope.yaml")]) == 1 and "nope.yaml: params file not found" in caplog.text
 
 

@@ -1,4 +1,4 @@
-"""Both shipped params files are valid: every section builds its typed config, every task exists."""
+"""The shipped params files are valid: every section builds its typed config, every task exists."""
 
 import dataclasses
 from pathlib import Path
@@ -8,7 +8,7 @@ import yaml
 from difftori.base_policies import POLICIES
 from difftori.base_policies.configs import config_from_dict
 from difftori.eval.evaluate import EvalConfig
-from difftori.eval.suites.metaworld import resolve_task
+from difftori.eval.suites import get_suite
 from difftori.pipeline.params import refiner_config
 from difftori.pipeline.training import TrainConfig
 from difftori.refiners import REFINERS
@@ -16,11 +16,12 @@ from difftori.refiners import REFINERS
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "params-paper.yaml", "params-robomimic.yaml"])
 def test_params_file_is_valid(name):
     p = yaml.safe_load((ROOT / name).read_text())
-    for task in p["tasks"]:
-        resolve_task(task)
+    suite = get_suite(p["suite"])
+    assert set(p["tasks"]) <= set(suite.tasks())
+    config_from_dict(suite.obs_config, p["demos"]["obs"])
     assert p["seeds"] and all(isinstance(s, int) for s in p["seeds"])
     config_from_dict(TrainConfig, p["train_base"])
     config_from_dict(TrainConfig, p["train_refiner"])
