@@ -41,7 +41,9 @@ class ExpertPolicy(torch.nn.Module):
         self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
 
     def reset(self) -> None:
-        """Experts are stateless between episodes."""
+        """At each episode start: an expert with a ``reset()`` (per-episode state) gets it called."""
+        if callable(getattr(self.act, "reset", None)):
+            self.act.reset()
 
     def predict_action(self, obs: dict[str, torch.Tensor], generators: Any = None) -> torch.Tensor:
         rows = []

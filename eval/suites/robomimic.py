@@ -5,8 +5,9 @@ robomimic's own tools, run unmodified:
 
 1. a phase-based scripted expert (:mod:`.robomimic_experts`: lift, can, square; Panda, OSC_POSE
    delta actions) acts in ``robosuite.make(<env>)``, recorded by robosuite's
-   ``DataCollectionWrapper``; attempts run from ``cfg.attempt_seeds()`` until ``cfg.episodes``
-   succeed;
+   ``DataCollectionWrapper``, through the evaluation runner (:class:`_RecordedEnv`, an
+   ``ExpertPolicy``: float32 actions, as a policy's); attempts run from ``cfg.attempt_seeds()``
+   until ``cfg.episodes`` succeed;
 2. robosuite's ``gather_demonstrations_as_hdf5`` keeps the successful episodes (states, actions,
    model xml); its demos come in directory-listing order, so the groups are renamed to attempt
    order (``demo_1`` is the first kept attempt), matched by their initial state;
@@ -209,32 +210,84 @@ def _info_kwargs() -> dict[str, Any]:
     return {k: v for k, v in RECORD_KWARGS.items() if k != "robots"}
 
 
-def _run_attempts(cfg: DemoConfig, env: Any) -> list[tuple[int, np.ndarray]]:
-    """Run the expert from each attempt seed until ``cfg.episodes`` succeed: [(seed, initial state)]."""
-    limit = cfg.max_episode_steps or max_episode_steps(cfg.task)
-    kept: list[tuple[int, np.ndarray]] = []
-    tried = 0
+class _RecordedEnv(gym.Env):
+    """The recorded robosuite env (``DataCollectionWrapper``) behind the suite-env contract, so the
+    expert runs through the evaluation runner: ``reset(seed=s)`` reseeds robosuite
+    (:func:`seed_robosuite`), observations are robosuite's own (float64, as the expert reads them),
+    success is the task's check, and episodes are truncated at ``max_episode_steps``.
+    ``initial_states`` collects the simulator state after each reset (to match the gathered demos
+    to their attempts)."""
+
+    control_mode = "OSC_POSE"
+
+    def __init__(self, recorder: Any, max_episode_steps: int) -> None:
+        self.recorder, self.max_episode_steps = recorder, max_episode_steps
+        self.initial_states: list[np.ndarray] = []
+        low, high = recorder.env.action_spec
+        self.action_space = gym.spaces.Box(np.float32(low), np.float32(high), dtype=np.float32)
+        spec = {k: np.asarray(v) for k, v in recorder.env.observation_spec().items()}
+        self.obs_kinds = {k: "lowdim" for k in spec}
+        box = {k: gym.spaces.Box(-np.inf, np.inf, v.shape, np.float64) for k, v in spec.items()}
+        self.observation_space = gym.spaces.Dict(box)
+        self._steps = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
+        if seed is not None:
+            seed_robosuite(self.recorder.env, seed)
+        with contextlib.redirect_stdout(io.StringIO()):  # the recorder prints its episode folders
+            obs = self.recorder.reset()
+        self.initial_states.append(np.array(self.recorder.sim.get_state().flatten()))
+        self._steps = 0
+        return {k: np.asarray(v) for k, v in obs.items()}, {"success": False}
+
+    def step(self, action: np.ndarray) -> tuple[dict, float, bool, bool, dict[str, Any]]:
+        with contextlib.redirect_stdout(io.StringIO()):
+            obs, reward, _, info = self.recorder.step(np.asarray(action, dtype=np.float64))
+        self._steps += 1
+        success = bool(self.recorder.env._check_success())
+        truncated = self._steps >= self.max_episode_steps and not success
+        obs = {k: np.asarray(v) for k, v in obs.items()}
+        return obs, float(reward), success, truncated, {**info, "success": success}
+
+    def render(self) -> np.ndarray:
+        raise NotImplementedError("the recorded env has no renderer")
+
+
+class _EpisodeExpert:
+    """The task's scripted expert, rebuilt at each episode start (its goal comes from the env)."""
+
+    def __init__(self, task: str, env: Any) -> None:
+        self.task, self.env = task, env
+        self.expert: Any = None
+
+    def reset(self) -> None:
+        self.expert = make_expert(self.task, self.env)
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.expert(obs)
+
+
+def _run_attempts(cfg: DemoConfig, recorder: Any) -> list[tuple[int, np.ndarray]]:
+    """Run the expert from each attempt seed, through the evaluation runner, until ``cfg.episodes``
+    succeed: [(seed, initial state)]."""
+    from difftori.eval.multistep import MultiStepWrapper
+    from difftori.eval.rollout import ExpertPolicy, run_policy_episodes
+
+    env = _RecordedEnv(recorder, cfg.max_episode_steps or max_episode_steps(cfg.task))
+    low, high = env.action_space.low, env.action_space.high
+    expert = ExpertPolicy(_EpisodeExpert(cfg.task, recorder.env), list(env.obs_kinds), low, high)
+    envs, kept, tried = [MultiStepWrapper(env, n_obs_steps=1)], [], 0
     bar = tqdm(total=cfg.episodes, desc=f"demos {cfg.task}", unit="ep")
     for seed in cfg.attempt_seeds():
         if len(kept) >= cfg.episodes:
             break
-        seed_robosuite(env.env, seed)
-        with contextlib.redirect_stdout(io.StringIO()):
-            obs = env.reset()
-        initial = np.array(env.sim.get_state().flatten())
-        expert = make_expert(cfg.task, env.env)
-        success, steps = False, 0
-        while not success and steps < limit:
-            with contextlib.redirect_stdout(io.StringIO()):
-                obs, _, _, _ = env.step(expert(obs))
-            steps += 1
-            success = bool(env.env._check_success())
+        (record,) = run_policy_episodes(envs, expert, [(0, seed)])
         tried += 1
-        if success:
-            kept.append((seed, initial))
+        if record.success:
+            kept.append((seed, env.initial_states[-1]))
             bar.update(1)
         else:
-            log.info("expert failed on seed %d after %d steps; not kept", seed, steps)
+            log.info("expert failed on seed %d after %d steps; not kept", seed, record.steps)
         bar.set_postfix(tried=tried)
     bar.close()
     if len(kept) < cfg.episodes:
