@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -371,7 +371,9 @@ class EpisodeWriter:
         try:
             self.check_target(self.path, overwrite)
             self.zarr_format = zarr_format
-            self.meta = meta
+            # The writer owns what it records per episode: a fresh store starts with none of the
+            # caller's seeds, attempts or checksums (e.g. a meta copied from another store).
+            self.meta = replace(meta, episode_seeds=[], n_attempts=0, checksums={})
             self._committed = False
             with self._writing():
                 if resume and self.partial.exists() and self._resume():
