@@ -4,7 +4,7 @@
 Adding a policy is adding one module that registers its class.
 """
 
-from difftori.base_policies import diffusion, pointnet_bc  # noqa: F401  (register the policies)
+from difftori.base_policies import bc_rnn, diffusion, pointnet_bc  # noqa: F401  (register the policies)
 from difftori.base_policies.base import BasePolicy, ShapeMeta
 from difftori.base_policies.registry import POLICIES, load_policy, make_policy
 

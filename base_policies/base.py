@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from difftori.base_policies.checkpoint import Checkpoint, write_checkpoint
+from difftori.base_policies.checkpoint import Checkpoint, CheckpointError, write_checkpoint
 from difftori.base_policies.configs import config_to_dict
 from difftori.base_policies.encoders import EncoderConfig, ObsEncoder
 from difftori.datasets.episode_store import ACTION_KEY, EpisodeStore
@@ -141,6 +141,7 @@ class ObsConditioned(nn.Module):
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""  # checkpoint kind: "base_policy" or "refiner"
+    uses_obs_encoder: ClassVar[bool] = True  # False: the module brings its own (e.g. robomimic's)
 
     def __init__(self, config: Any, shape_meta: ShapeMeta, n_obs_steps: int) -> None:
         super().__init__()
@@ -159,7 +160,9 @@ class ObsConditioned(nn.Module):
         images = tuple(k for k in keys if kinds[k] == "image")
         dims = {k: shapes[k][-1] for k in keys if k not in images} | {ACTION_KEY: shape_meta.action_dim}
         self.normalizer = Normalizer(dims, images=images)
-        self.obs_encoder = ObsEncoder(kinds, shapes, n_obs_steps, config.encoder)
+        self.obs_encoder = (
+            ObsEncoder(kinds, shapes, n_obs_steps, config.encoder) if self.uses_obs_encoder else None
+        )
         self._n_obs_steps = n_obs_steps
         self.info: dict[str, Any] = {}
         self.weights = "raw"  # which weights are loaded: "raw" or "ema"
@@ -173,13 +176,17 @@ class ObsConditioned(nn.Module):
         """Fit min/max of every normalised key (observations and ``action``) from raw steps."""
         self.normalizer.fit({k: data[k] for k in self.normalizer.keys})
 
-    def encode_obs(self, obs: Obs) -> torch.Tensor:
-        """Normalise the module's observation keys and encode them to (B, To * frame_dim)."""
+    def normalize_obs(self, obs: Obs, steps: int | None = None) -> Obs:
+        """The module's observation keys, normalised, first ``steps`` (default ``n_obs_steps``) frames."""
         missing = [k for k in self.obs_keys if k not in obs]
         if missing:
             raise KeyError(f"{self.name}: observation key '{missing[0]}' missing from obs {sorted(obs)}")
-        normed = {k: self.normalizer.normalize(k, obs[k][:, : self._n_obs_steps]) for k in self.obs_keys}
-        return self.obs_encoder(normed)
+        steps = steps or self._n_obs_steps
+        return {k: self.normalizer.normalize(k, obs[k][:, :steps]) for k in self.obs_keys}
+
+    def encode_obs(self, obs: Obs) -> torch.Tensor:
+        """Normalise the module's observation keys and encode them to (B, To * frame_dim)."""
+        return self.obs_encoder(self.normalize_obs(obs))
 
     def save(
         self,
@@ -199,6 +206,9 @@ class BasePolicy(ObsConditioned, ABC):
 
     kind = "base_policy"
     config_cls: ClassVar[type[PolicyConfig]] = PolicyConfig
+    # Recurrent policies carry state from call to call within an episode: ``reset()`` starts an
+    # episode, calls must follow the episode's steps in order, one batch row per episode.
+    recurrent: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig, shape_meta: ShapeMeta) -> None:
         super().__init__(config, shape_meta, config.n_obs_steps)
@@ -230,6 +240,16 @@ class BasePolicy(ObsConditioned, ABC):
 
     def reset(self) -> None:
         """Clear per-episode state (none for these policies)."""
+
+    @classmethod
+    def import_file(cls, path: Path) -> BasePolicy:
+        """A policy from a checkpoint file another project wrote (only some policies have one)."""
+        raise CheckpointError(f"{path}: a {cls.name} checkpoint is a directory (config.json + safetensors)")
+
+    def train_window(self) -> tuple[int, int]:
+        """(horizon, n_obs_steps) of the training samples (``WindowDataset``): by default the
+        inference window; a recurrent policy trains on longer sequences."""
+        return self.horizon, self.n_obs_steps
 
     def validation_metrics(self, batch: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
         """Held-out loss and MSE (env units) of the predicted action window against the data."""

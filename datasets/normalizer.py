@@ -35,6 +35,21 @@ class Normalizer(nn.Module):
             getattr(self, f"{key}__high").copy_(torch.from_numpy(flat.max(axis=0)))
         return self
 
+    def set_identity(self, keys: tuple[str, ...]) -> None:
+        """Map ``keys`` as they are ([-1, 1] to [-1, 1]), e.g. for an imported policy's actions."""
+        for key in keys:
+            getattr(self, f"{key}__low").fill_(-1.0)
+            getattr(self, f"{key}__high").fill_(1.0)
+
+    def set_mean_std(self, stats: dict[str, dict[str, object]]) -> None:
+        """Map each key to ``(x - mean) / std`` (robomimic's observation normalisation): the
+        [mean - std, mean + std] interval goes to [-1, 1]."""
+        for key, st in stats.items():
+            mean = torch.as_tensor(np.asarray(st["mean"], dtype=np.float64).reshape(-1))
+            std = torch.as_tensor(np.asarray(st["std"], dtype=np.float64).reshape(-1))
+            getattr(self, f"{key}__low").copy_(mean - std)
+            getattr(self, f"{key}__high").copy_(mean + std)
+
     def _affine(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         low, high = getattr(self, f"{key}__low"), getattr(self, f"{key}__high")
         span = high - low

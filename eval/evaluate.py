@@ -38,7 +38,7 @@ from difftori.datasets.safeio import OutputLock, naming_path
 from difftori.eval.journal import EvalJournal, check_writable, checkpoint_digest
 from difftori.eval.multistep import MultiStepWrapper
 from difftori.eval.results import EvalResult
-from difftori.eval.rollout import PolicyEpisodeBatch, run_policy_episodes, write_video  # noqa: F401
+from difftori.eval.rollout import PolicyEpisodeBatch, envs_for, run_policy_episodes, write_video  # noqa: F401
 from difftori.eval.suites import get_suite
 from difftori.eval.workers import plan, run_in_workers
 
@@ -213,6 +213,7 @@ def _evaluate(
     if missing:
         where = loader.checkpoints["base"]
         raise ValueError(f"{where}: the policy observes {missing[0]!r}, which {demos} does not hold")
+    cfg = replace(cfg, envs_per_worker=envs_for(loaded.policy, cfg.envs_per_worker))  # recurrent: 1
     base_name, method, weights = loaded.base, loaded.method, loaded.weights
     refiner_name = refiner_name or loaded.refiner
     del loaded  # the workers load their own copies

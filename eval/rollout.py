@@ -77,8 +77,9 @@ class PolicyEpisodeBatch:
     generator with it; ``advance`` makes one ``predict_action`` call for every running episode
     (a list of their generators, so each episode's actions do not depend on its batch-mates) and
     executes each chunk in its env. A policy exposing ``last_action_shift`` (``RefinedPolicy``)
-    has it averaged into the records. ``policy.reset()`` runs at each episode start: policies with
-    per-episode state would need it per batch row (the registered ones have none).
+    has it averaged into the records. ``policy.reset()`` runs at each episode start; a recurrent
+    policy (``policy.recurrent``: state carried from call to call) gets one env, so that its one
+    batch row is always the same episode (:func:`envs_for`).
     The first ``videos`` episodes (by index) are saved as mp4 under ``video_dir``. With a dict
     ``trajectories``, every finished episode's steps go there by episode index, as
     ``{obs key: (T, ...), "action": (T, Da)}`` (the observation before each executed action; the
@@ -95,6 +96,8 @@ class PolicyEpisodeBatch:
     ) -> None:
         if not envs:
             raise ValueError("PolicyEpisodeBatch needs at least one env")
+        if len(envs) > envs_for(policy, len(envs)):
+            raise ValueError(f"a recurrent policy steps one env at a time, got {len(envs)}")
         self.envs, self.policy, self.trajectories = envs, policy, trajectories
         self.device = next(iter(policy.parameters()), torch.empty(0)).device  # observations go there
         self.videos, self.video_dir = videos, Path(video_dir) if video_dir is not None else None
@@ -175,6 +178,12 @@ class PolicyEpisodeBatch:
                 log.warning("%s: video not written: %s", path, e)
             env.frames = []
         return record
+
+
+def envs_for(policy: Any, n: int) -> int:
+    """How many of ``n`` envs one :class:`PolicyEpisodeBatch` of ``policy`` may step: 1 for a
+    recurrent policy (its state is one episode's), else ``n``."""
+    return 1 if getattr(policy, "recurrent", False) else n
 
 
 def run_policy_episodes(

@@ -66,6 +66,25 @@ def sample_windows(
     return np.concatenate(chunks)
 
 
+def sample_windows_in_order(
+    policy: BasePolicy, data: WindowDataset, samples: int, gen: torch.Generator, starts: set[int]
+) -> np.ndarray:
+    """A recurrent ``policy``'s windows as a rollout meets them: (len(data), K, H, Da).
+
+    ``data``'s steps are walked in store order, ``reset()`` at each episode start (a global step
+    in ``starts``), the K samples of a step as K batch rows, so the state at step t has seen the
+    episode's steps 0..t, one call each.
+    """
+    rows = []
+    with torch.no_grad():
+        for i in tqdm(range(len(data)), desc=f"init-actions {policy.name} (in order)", unit="step"):
+            if int(data.steps[i]) in starts:
+                policy.reset()
+            obs = {k: v[None].repeat_interleave(samples, dim=0) for k, v in data[i]["obs"].items()}
+            rows.append(policy.predict_action_chunk(obs, gen).numpy())
+    return np.stack(rows)
+
+
 def compute_init_actions(
     demos: Path,
     model: Path,
@@ -79,7 +98,8 @@ def compute_init_actions(
     """Run the frozen base (eval mode, no grad) over every step of ``demos``; keep ``samples`` windows.
 
     Row ``t`` of the result holds ``samples`` action windows (H, Da) for the observation window
-    anchored at step ``t`` (the same windows the policy trained on). ``folds`` (cross-fitting)
+    anchored at step ``t`` (the policy's inference window; a recurrent policy walks each episode in
+    order, :func:`sample_windows_in_order`). ``folds`` (cross-fitting)
     maps checkpoints to the episodes whose windows they produce; the other episodes' windows come
     from ``model``. Deterministic given ``seed``.
     """
@@ -98,7 +118,11 @@ def compute_init_actions(
             continue
         data = WindowDataset(store, episodes=episodes, **window)
         sampler = policy if path == model else load_policy(path, weights=weights)
-        actions[data.steps] = sample_windows(sampler, data, samples, gen, batch_size)
+        if sampler.recurrent:
+            starts = {0, *(int(e) for e in store.episode_ends[:-1])}
+            actions[data.steps] = sample_windows_in_order(sampler, data, samples, gen, starts)
+        else:
+            actions[data.steps] = sample_windows(sampler, data, samples, gen, batch_size)
     meta = InitMeta(
         demos=str(demos),
         policy=policy.name,

@@ -96,11 +96,12 @@ class RolloutCallback(L.Callback):
         """Success rate and mean return of the (wrapped) module with its EMA weights over the
         validation seeds."""
         from difftori.eval.evaluate import make_eval_env, run_policy_episodes
+        from difftori.eval.rollout import envs_for
 
         module, ema = pl_module.module, getattr(pl_module, "ema", None)
         policy = self.wrap(module)
         if not self._envs:
-            n = min(self.cfg.envs, len(self.seeds))
+            n = envs_for(policy, min(self.cfg.envs, len(self.seeds)))
             self._envs = [
                 make_eval_env(self.meta, self.max_episode_steps, policy.n_obs_steps, policy.obs_keys)
                 for _ in range(n)

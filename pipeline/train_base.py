@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-from difftori.base_policies import ShapeMeta, load_policy, make_policy
+from difftori.base_policies import POLICIES, ShapeMeta, load_policy, make_policy
 from difftori.base_policies.checkpoint import CheckpointError
 from difftori.base_policies.configs import config_to_dict
 from difftori.datasets.episode_store import EpisodeStore
@@ -93,7 +93,8 @@ def _train_base(
     L.seed_everything(cfg.seed, verbose=False)  # before building: initial weights are seeded too
     policy = make_policy(policy_name, policy_config, ShapeMeta.from_store(store))
     train_eps, val_eps = split or store_split(store, cfg)
-    windows = dict(obs_keys=policy.obs_keys, horizon=policy.horizon, n_obs_steps=policy.n_obs_steps)
+    horizon, n_obs_steps = policy.train_window()  # a recurrent policy trains on sequences
+    windows = dict(obs_keys=policy.obs_keys, horizon=horizon, n_obs_steps=n_obs_steps)
     train = WindowDataset(store, episodes=train_eps, **windows)
     val = WindowDataset(store, episodes=val_eps, **windows) if val_eps else None
     policy.fit_normalizer(train.arrays())
@@ -144,10 +145,17 @@ def import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path, wait:
 
 
 def _import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path) -> None:
-    policy = load_policy(src)
+    """A checkpoint directory is copied; a file another project wrote (robomimic's ``.pth`` for
+    ``bc_rnn``) is converted into one of ours."""
+    policy = load_policy(src) if src.is_dir() else POLICIES.get_class(policy_name).import_file(src)
     if policy.name != policy_name:
         raise CheckpointError(f"{src}: holds a '{policy.name}' policy, expected '{policy_name}'")
-    have = ShapeMeta.from_store(EpisodeStore(demos, check_values=False)).obs
+    store_meta = ShapeMeta.from_store(EpisodeStore(demos, check_values=False))
+    if policy.shape_meta.action_dim != store_meta.action_dim:
+        raise CheckpointError(
+            f"{src}: acts in {policy.shape_meta.action_dim} dims, {demos}: action has {store_meta.action_dim}"
+        )
+    have = store_meta.obs
     for key in policy.obs_keys:
         if key not in have or list(have[key]["shape"]) != list(policy.shape_meta.obs[key]["shape"]):
             raise CheckpointError(
@@ -156,7 +164,10 @@ def _import_checkpoint(src: Path, out: Path, policy_name: str, demos: Path) -> N
             )
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        policy.save(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

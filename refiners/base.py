@@ -68,6 +68,9 @@ class Refiner(ObsConditioned):
         super().__init__(config, shape_meta, config.n_obs_steps)
         self.chunk_dim = config.horizon * shape_meta.action_dim
 
+    def reset(self) -> None:
+        """Clear per-episode state at an episode start (the registered refiners have none)."""
+
     @classmethod
     def default_obs_keys(cls, shape_meta: ShapeMeta) -> tuple[str, ...]:
         """Point cloud + agent_pos when present (DP3's observation), else every low-dim key."""
@@ -164,5 +167,11 @@ class RefinedPolicy(torch.nn.Module):
         start = self.n_obs_steps - 1
         return self.predict_action_chunk(obs, generator)[:, start : start + self.n_action_steps]
 
+    @property
+    def recurrent(self) -> bool:
+        return self.base.recurrent
+
     def reset(self) -> None:
+        """Start an episode: both parts clear their per-episode state."""
         self.base.reset()
+        self.refiner.reset()

@@ -84,4 +84,5 @@ TINY_CONFIGS = {
     "dp3": TINY,
     "diffusion": TINY,
     "pointnet_bc": {"encoder": TINY["encoder"], "hidden": [64, 64]},
+    "bc_rnn": {"rnn_hidden_dim": 32, "seq_length": 5},
 }

@@ -22,7 +22,7 @@ def store(tmp_path_factory):
 
 def build(name, store, **overrides):
     policy = make_policy(name, TINY_CONFIGS[name] | overrides, ShapeMeta.from_store(store))
-    data = WindowDataset(store, policy.obs_keys, policy.horizon, policy.n_obs_steps)
+    data = WindowDataset(store, policy.obs_keys, *policy.train_window())  # bc_rnn: sequences
     policy.fit_normalizer(data.arrays())
     return policy, data
 
@@ -45,14 +45,16 @@ def train(policy, data, steps, lr=3e-3, batch=32, seed=0):
 
 
 def window_mse(policy, data):
+    """MSE of the predicted windows (bc_rnn: of the actions along each sequence), and the variance."""
     full = next(iter(torch.utils.data.DataLoader(data, batch_size=len(data))))
-    pred = policy.predict_action_chunk(full["obs"], torch.Generator().manual_seed(0))
-    return float(((pred - full["action"]) ** 2).mean()), float(full["action"].var(0).mean())
+    with torch.no_grad():
+        mse = policy.validation_metrics(full, seed=0)["action_mse"]
+    return float(mse), float(full["action"].var(0).mean())
 
 
 # Gradient steps to fit the toy: epsilon prediction (Diffusion Policy's default) converges more
 # slowly than DP3's sample prediction (measured: MSE 0.069 after 400 steps, 0.0096 after 1500).
-FIT_STEPS = {"dp3": 400, "diffusion": 1500, "pointnet_bc": 300}
+FIT_STEPS = {"dp3": 400, "diffusion": 1500, "pointnet_bc": 300, "bc_rnn": 300}
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -75,6 +77,7 @@ def test_predict_action_contract(store, name):
     policy, data = build(name, store)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
     chunk = policy.eval().predict_action_chunk(batch["obs"], torch.Generator().manual_seed(1))
+    policy.reset()  # a recurrent policy's second call would be its episode's second step
     act = policy.predict_action(batch["obs"], torch.Generator().manual_seed(1))
     assert chunk.shape == (5, policy.horizon, 4) and act.shape == (5, policy.n_action_steps, 4)
     torch.testing.assert_close(
@@ -94,6 +97,7 @@ def test_save_load_gives_identical_actions(store, name, tmp_path):
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
 
     def act(p):
+        p.reset()  # each call an episode's first step (bc_rnn carries state)
         return p.predict_action(batch["obs"], torch.Generator().manual_seed(7))
 
     raw = load_policy(tmp_path / "ckpt", weights="raw")
@@ -142,7 +146,9 @@ def test_missing_observation_key_is_named(store):
 
 def test_unknown_policy_and_bad_config():
     sm = ShapeMeta(obs={"state": {"shape": [3], "kind": "lowdim"}}, action_dim=2)
-    with pytest.raises(ValueError, match="unknown base policy 'bc'; registered: diffusion, dp3, pointnet_bc"):
+    with pytest.raises(
+        ValueError, match="unknown base policy 'bc'; registered: bc_rnn, diffusion, dp3, pointnet_bc"
+    ):
         make_policy("bc", {}, sm)
     with pytest.raises(ValueError, match=r"unknown keys \['down_dim'\]"):
         make_policy("diffusion", {"down_dim": [8]}, sm)
