@@ -268,7 +268,7 @@ def test_deleted_ema_weights_are_an_error_not_a_fallback(checkpoint, store, tmp_
         (lambda p: p.update(train_bse=p.pop("train_base")), "unknown section 'train_bse'; valid sections:"),
         (
             lambda p: p["policies"].update(dp_3={}),
-            "policies.dp_3: unknown base policy 'dp_3'; valid: diffusion, dp3, pointnet_bc",
+            "policies.dp_3: unknown base policy 'dp_3'; valid: bc_rnn, diffusion, dp3, pointnet_bc",
         ),
         (lambda p: p["train_base"].update(lr="1e-3"), "train_base: lr: expected float, got str '1e-3'"),
         (
