@@ -117,7 +117,10 @@ class IBCRefiner(Refiner):
     label = "IBC"
 
     def method_label(self, base_label: str) -> str:
-        return "IBC" if self.config.init == "uniform" else f"IBC + {base_label}"
+        """``IBC + <base>``; IBC alone never reads the base but is trained and run on its window
+        (horizon, executed steps), so its row names the base whose window it uses: two bases
+        in one table give two IBC-alone rows, never one label for two different models."""
+        return f"IBC (window of {base_label})" if self.config.init == "uniform" else f"IBC + {base_label}"
 
     @property
     def uses_base(self) -> bool:

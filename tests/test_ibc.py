@@ -140,3 +140,12 @@ def test_refined_policy_skips_the_base_when_the_refiner_never_reads_it():
         assert actions.shape == (8, 1, 2) and torch.isfinite(actions).all()
         assert policy.last_action_shift is None
     assert make("ibc", data).uses_base and make("difftori", data, init="zero").uses_base
+
+
+def test_ibc_alone_rows_name_the_window_they_use():
+    """Two bases in one table train two IBC-alone models (each on its base's window): distinct rows."""
+    data = biased_data(8, seed=0)
+    alone = make("ibc", data, init="uniform", perturbed_negatives=0)
+    assert alone.method_label("BC-RNN") == "IBC (window of BC-RNN)"
+    assert alone.method_label("Diffusion Policy") != alone.method_label("BC-RNN")
+    assert make("ibc", data).method_label("BC-RNN") == "IBC + BC-RNN"
