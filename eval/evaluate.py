@@ -24,8 +24,10 @@ which a re-run resumes, and the results file is written atomically.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,7 +39,7 @@ from difftori.datasets.episode_store import EpisodeStore, StoreMeta
 from difftori.datasets.safeio import OutputLock, naming_path
 from difftori.eval.journal import EvalJournal, check_writable, checkpoint_digest
 from difftori.eval.multistep import MultiStepWrapper
-from difftori.eval.results import EvalResult
+from difftori.eval.results import EpisodeRecord, EvalResult
 from difftori.eval.rollout import PolicyEpisodeBatch, envs_for, run_policy_episodes, write_video  # noqa: F401
 from difftori.eval.suites import get_suite
 from difftori.eval.workers import plan, run_in_workers
@@ -65,11 +67,15 @@ class EvalConfig:
     weights: str = "ema"
     num_threads: int = 1  # torch threads per worker
     lazy_obs: bool = True  # skip observations no policy sees (identical results; False: benchmarks)
+    backend: str = "processes"  # where episodes run: "processes" (local pool) or "ray" (eval.ray_workers)
+    ray_address: str = ""  # backend "ray": a running cluster ("" = $RAY_ADDRESS, else a local instance)
 
     def __post_init__(self) -> None:
         counts = (self.episodes, self.workers, self.envs_per_worker)
         if min(counts) < 1 or self.retries < 0 or self.max_episode_steps < 0:
             raise ValueError(f"invalid evaluation config {self}")
+        if self.backend not in ("processes", "ray"):
+            raise ValueError(f"backend must be 'processes' or 'ray', got {self.backend!r}")
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {self.weights!r}")
 
@@ -233,7 +239,7 @@ def _evaluate(
     )
     journal = EvalJournal(out, _journal_header(meta, seeds, cfg, loader.checkpoints))
     finished = journal.start()
-    records = run_in_workers(
+    records = _runner(cfg)(
         factory,
         seeds,
         workers,
@@ -261,6 +267,15 @@ def _evaluate(
     journal.remove()
     _log_result(result, out)
     return result
+
+
+def _runner(cfg: EvalConfig) -> Callable[..., list[EpisodeRecord]]:
+    """The episode runner of ``cfg.backend``: the process pool, or Ray (local, or a cluster)."""
+    if cfg.backend == "processes":
+        return run_in_workers
+    from difftori.eval.ray_workers import run_on_ray  # imports Ray only when asked for
+
+    return functools.partial(run_on_ray, address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None)
 
 
 def _journal_header(

@@ -2,6 +2,12 @@
 env at a time; the worker path gives the in-process path's records; refiners' action shifts."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +145,37 @@ def test_old_results_files_without_action_shifts_are_read(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(d))
     old = EvalResult.read(tmp_path / "old.json")
     assert old.episodes[0].action_shift_mean is None and old.summary()["action_shift_mean"] is None
+
+
+def _ray(*args: str) -> None:
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}  # RAY_AUTH_* from the test's monkeypatch
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, *args], check=True, env=env, capture_output=True, timeout=180)
+
+
+def test_evaluation_on_a_running_ray_cluster_gives_the_pools_records(models, tmp_path, monkeypatch):
+    """`ray start --head` on 127.0.0.1 in its own processes; evaluate connects through RAY_ADDRESS."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loader = policy_loader(models / "dp3", models / "difftori")
+    cfg = EvalConfig(episodes=2, max_episode_steps=9, workers=1, envs_per_worker=2, backend="ray")
+    # Ray 2.60's `ray start` asks for a token; a driver sends one only with RAY_AUTH_MODE=token
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "difftori-test-" + os.urandom(8).hex())
+    _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2")
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        on_ray = evaluate(models / "demos.zarr", loader, 0, tmp_path / "ray.json", cfg, progress=False)
+    finally:
+        _ray("stop", "--force")
+    pool = evaluate(
+        models / "demos.zarr",
+        loader,
+        0,
+        tmp_path / "pool.json",
+        replace(cfg, backend="processes"),
+        progress=False,
+    )
+    _assert_same(on_ray.episodes, pool.episodes)
+    assert [r.steps for r in on_ray.episodes] == [9, 9] and on_ray.config["backend"] == "ray"
