@@ -47,7 +47,7 @@ def lock_file(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name + LOCK_SUFFIX)
 
 
-def _is_secondary_rank() -> bool:
+def is_secondary_rank() -> bool:
     """True in a non-zero rank of a distributed (DDP/SLURM) run: rank 0 holds the output's lock."""
     ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
     return any(int(os.environ.get(v, "0") or 0) > 0 for v in ranks)
@@ -90,7 +90,7 @@ class OutputLock:
         self._key: str | None = None
 
     def acquire(self) -> OutputLock:
-        if self._key is not None or _is_secondary_rank():
+        if self._key is not None or is_secondary_rank():
             return self
         key = os.path.abspath(self.path)
         if key in _HELD:

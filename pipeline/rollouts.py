@@ -70,8 +70,8 @@ class RolloutCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step % self.cfg.every_steps and step != trainer.max_steps:
-            return
+        if not trainer.is_global_zero or (step % self.cfg.every_steps and step != trainer.max_steps):
+            return  # under DDP, rank 0 rolls out
         started = time.perf_counter()
         train_time = started - self._start - self._rollout_s
         rate, ret = self.rollout(pl_module)

@@ -124,8 +124,8 @@ def _train_base(
         "train_config": asdict(cfg),
         "summary": summary,
     }
-    save_trained(lit, work, out, info, logs)
-    log.info("saved %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
+    if save_trained(lit, work, out, info, logs):
+        log.info("saved %s: %s", out, json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
     return summary
 
 

@@ -138,6 +138,6 @@ def _train_refiner(
         "train_config": asdict(cfg),
         "summary": summary,
     }
-    save_trained(lit, work, out, info, logs)
-    log.info("saved %s: %s", out, json.dumps(summary["metrics"]))
+    if save_trained(lit, work, out, info, logs):
+        log.info("saved %s: %s", out, json.dumps(summary["metrics"]))
     return summary

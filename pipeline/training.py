@@ -9,7 +9,10 @@ ends; metrics go to dvclive (``dvclive/plots/metrics/...``, readable by ``dvc pl
 Checkpoints are written atomically beside their target (the one before is kept as
 ``last.prev.ckpt``); a corrupt ``last.ckpt`` falls back to it. ``resume.json`` records a
 fingerprint of the run (config, data, code version): a resume with other settings is refused.
-Lightning picks the devices: CPU here, GPUs and DDP via ``accelerator``/``devices``/``strategy``.
+Lightning picks the devices: CPU here, GPUs and DDP via ``accelerator``/``devices``/``strategy``/
+``num_nodes`` (``batch_size`` is per process). Under DDP every rank runs the stage's code; rank 0
+alone prepares the work directory, writes Lightning's checkpoints and the saved model
+(:func:`is_secondary_rank`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from difftori.datasets.safeio import atomic_write_text, naming_path
+from difftori.datasets.safeio import atomic_write_text, is_secondary_rank, naming_path
 from diffusers.training_utils import EMAModel
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -61,8 +64,9 @@ class TrainConfig:
     seed: int = 0
     num_threads: int = 0  # torch CPU threads; 0 leaves torch's default
     accelerator: str = "auto"
-    devices: Any = "auto"
+    devices: Any = "auto"  # per node; e.g. 2 with strategy "ddp": 2 processes (gloo on CPU)
     strategy: str = "auto"
+    num_nodes: int = 1  # DDP across nodes (SLURM or torchrun launch the processes)
     precision: str = "32-true"
     # Closed-loop rollouts of the EMA policy during training (0: none), logged as rollout/*.
     rollout_every_steps: int = 0
@@ -70,7 +74,7 @@ class TrainConfig:
     rollout_seed: int = 7  # validation episode seeds; never the evaluation's (evaluate.seed)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "val_every_steps", "rollout_episodes"):
+        for name in ("max_steps", "batch_size", "val_every_steps", "rollout_episodes", "num_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rollout_every_steps < 0:
@@ -349,7 +353,8 @@ def fit(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    ckpt = prepare_work_dir(work_dir, state, restart)
+    # Under DDP every rank runs this; only rank 0 prepares the work directory (and holds the lock).
+    ckpt = resume_checkpoint(work_dir) if is_secondary_rank() else prepare_work_dir(work_dir, state, restart)
     resume = ckpt is not None
     if resume:
         log.info("resuming from %s", ckpt)
@@ -373,6 +378,7 @@ def fit(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         strategy=cfg.strategy,
+        num_nodes=cfg.num_nodes,
         precision=cfg.precision,
         plugins=[AtomicCheckpointIO()],
         logger=logger,
@@ -399,6 +405,7 @@ def fit(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {
         "steps": int(trainer.global_step),
+        "world_size": trainer.world_size,  # processes (DDP); each took batch_size windows a step
         "train_time_s": round(time.perf_counter() - start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "metrics": metrics,
@@ -408,11 +415,14 @@ def fit(
 
 def save_trained(
     lit: LitTrainer, work_dir: Path, out: Path, info: dict[str, Any], logs: Path | None = None
-) -> None:
+) -> bool:
     """Write the trained module's checkpoint (raw + EMA weights), its dvclive metrics and
     ``summary.json`` to ``out``, the training curves (dvclive's ``plots/`` TSVs) to ``logs`` (for
     ``dvc plots``); then drop the resume state in ``work_dir``. A failure (a full disk) keeps
-    ``work_dir``, so a rerun resumes at the last step and saves again."""
+    ``work_dir``, so a rerun resumes at the last step and saves again. False (nothing written) in
+    a secondary DDP rank: rank 0 saves."""
+    if is_secondary_rank():
+        return False
     lit.module.save(out, ema_state=lit.ema_state_dict(), info=info)
     with naming_path(out):
         shutil.copytree(work_dir / "dvclive", out / "dvclive", dirs_exist_ok=True)
@@ -426,3 +436,4 @@ def save_trained(
             else:  # nothing logged yet (fewer steps than the logging interval, no validation)
                 logs.mkdir(parents=True)
     shutil.rmtree(work_dir, ignore_errors=True)
+    return True
