@@ -1,6 +1,7 @@
 """Benchmark base policies: training-step time and predict_action latency.
 
     python benchmarks/base_policies.py [--batch-size 64] [--threads 1] [--policies dp3 diffusion pointnet_bc]
+        [--config '{"down_dims": [512, 1024, 2048]}']   # a config override (default: each default)
 
 MetaWorld-shaped random data (512-point clouds, 4-D agent_pos, 39-D state, 4-D actions) with each
 policy's default config. Prints one JSON line per policy:
@@ -30,8 +31,8 @@ def batch(policy, b: int, gen: torch.Generator) -> dict:
     return {"obs": obs, "action": torch.rand(b, policy.horizon, 4, generator=gen) * 2 - 1}
 
 
-def bench(name: str, batch_size: int, repeats: int) -> dict:
-    policy = make_policy(name, {}, ShapeMeta(obs=SHAPES, action_dim=4))
+def bench(name: str, batch_size: int, repeats: int, config: dict) -> dict:
+    policy = make_policy(name, config, ShapeMeta(obs=SHAPES, action_dim=4))
     gen = torch.Generator().manual_seed(0)
     policy.fit_normalizer(
         {k: np.random.default_rng(0).random((100, *SHAPES[k]["shape"])) for k in SHAPES}
@@ -59,6 +60,7 @@ def bench(name: str, batch_size: int, repeats: int) -> dict:
     return {
         "benchmark": "base_policies",
         "policy": name,
+        "config": config,
         "params": sum(p.numel() for p in policy.parameters()),
         "batch_size": batch_size,
         "threads": torch.get_num_threads(),
@@ -74,10 +76,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--policies", nargs="+", default=sorted(POLICIES))
+    p.add_argument("--config", type=json.loads, default={}, help="JSON config for every policy named")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for name in args.policies:
-        print(json.dumps(bench(name, args.batch_size, args.repeats)), flush=True)
+        print(json.dumps(bench(name, args.batch_size, args.repeats, args.config)), flush=True)
 
 
 if __name__ == "__main__":

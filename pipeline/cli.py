@@ -6,6 +6,7 @@ import argparse
 import logging
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,7 @@ def _add_train_base(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-base",
         help="train a base policy on a demo store (or import an existing checkpoint)",
-        description="Train a base policy (dp3, diffusion, pointnet_bc) with Lightning on "
+        description="Train a base policy (dp3, diffusion, pointnet_bc, bc_rnn) with Lightning on "
         "data/demos/<task>.zarr and save a safetensors + JSON checkpoint to models/<task>/<policy>/seed<k>. "
         "Training settings come from the params file: train_base (TrainConfig) and policies.<policy> "
         "(the policy's config). base_checkpoints.<task>.<policy> (or --checkpoint) names an existing "
@@ -205,7 +206,9 @@ def _add_train_base(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--task", required=True, help="task name, e.g. shelf-place")
-    p.add_argument("--policy", required=True, help="registered base policy: dp3, diffusion, pointnet_bc")
+    p.add_argument(
+        "--policy", required=True, help="registered base policy: dp3, diffusion, pointnet_bc, bc_rnn"
+    )
     p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     p.add_argument("--demos", type=Path, help="demo store (default data/demos/<task>.zarr)")
     p.add_argument("--out", type=Path, help="checkpoint directory (default models/<task>/<policy>/seed<k>)")
@@ -396,7 +399,20 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _report(args: argparse.Namespace) -> None:
     from difftori.eval.report import write_report
 
-    write_report(args.results, args.tables, args.plots, args.metrics)
+    if args.from_experiments is None:
+        root = Path("results")
+        write_report(args.results or root / "evals", *_report_outputs(args, root))
+        return
+    from difftori.pipeline.experiments import export_results
+
+    with tempfile.TemporaryDirectory(prefix="difftori-experiments-") as tmp:
+        export_results(Path("."), Path(tmp), args.from_experiments or None)
+        write_report(Path(tmp), *_report_outputs(args, Path("results/experiments")))
+
+
+def _report_outputs(args: argparse.Namespace, root: Path) -> tuple[Path, Path, Path]:
+    """The tables, plots and metrics paths: as given, else under ``root``."""
+    return args.tables or root / "tables", args.plots or root / "plots", args.metrics or root / "metrics.json"
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -408,10 +424,17 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
         "seeds, best in bold), per-task bar plots with Wilson intervals, and results/metrics.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--results", type=Path, default=Path("results/evals"), help="results folder")
-    p.add_argument("--tables", type=Path, default=Path("results/tables"), help="tables folder")
-    p.add_argument("--plots", type=Path, default=Path("results/plots"), help="plots folder")
-    p.add_argument("--metrics", type=Path, default=Path("results/metrics.json"), help="DVC metrics file")
+    p.add_argument("--results", type=Path, help="results folder (default: results/evals)")
+    p.add_argument("--tables", type=Path, help="tables folder (default: results/tables)")
+    p.add_argument("--plots", type=Path, help="plots folder (default: results/plots)")
+    p.add_argument("--metrics", type=Path, help="DVC metrics file (default: results/metrics.json)")
+    p.add_argument(
+        "--from-experiments",
+        nargs="*",
+        metavar="NAME",
+        help="merge the results of these DVC experiments of HEAD (none named: all of them) into one "
+        "report, written under results/experiments/ unless --tables/--plots/--metrics say otherwise",
+    )
     p.set_defaults(func=_report)
 
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -151,17 +152,41 @@ def test_dvc_repro_end_to_end(tmp_path):
         f"train-refiner@{t}-{b}-residual-0",
     ], out
 
-    # swapping the base policy is a params override; dvc exp show lists the experiment
+    # a sweep on DVC's queue: swapping the base policy, and two training seeds, are params
+    # overrides run as two experiments in parallel; dvc exp show lists them, and one report merges them
     (repo / "params.yaml").write_text(yaml.safe_dump(TINY))
-    _run(["dvc", "exp", "run", "-n", "swap", "-S", "base_policies=[diffusion]"], repo)
-    assert json.loads((repo / f"results/evals/{t}/diffusion/none/seed0.json").read_text())["method"] == (
-        "Diffusion Policy"
-    )
-    assert "swap" in _run(["dvc", "exp", "list", "--name-only"], repo).split()
+    _run(["dvc", "exp", "run", "--queue", "-n", "swap", "-S", "base_policies=[diffusion]"], repo)
+    _run(["dvc", "exp", "run", "--queue", "-n", "seeds", "-S", "seeds=[0,1]"], repo)
+    _run(["dvc", "queue", "start", "-j", "2"], repo)
+    _wait_for_queue(repo)
+    assert {"swap", "seeds"} <= set(_run(["dvc", "exp", "list", "--name-only"], repo).split())
     rows = list(csv.reader(_run(["dvc", "exp", "show", "--csv"], repo).splitlines()))
     swap = dict(zip(rows[0], next(row for row in rows if row and row[0] == "swap"), strict=True))
     assert swap["metaworld.average.Diffusion Policy"] != "", swap  # the experiment's metrics
     assert "['diffusion']" in _run(["dvc", "params", "diff", "swap", "HEAD"], repo)
+    _run(["difftori", "report", "--from-experiments"], repo)
+    merged = list(csv.DictReader((repo / "results/experiments/tables/success.csv").open()))
+    by_method = {r["method"]: r for r in merged if r["task"] == t}
+    assert set(by_method) == {
+        *methods.values(),
+        "Diffusion Policy",
+        *(f"{m} + Diffusion Policy" for m in ("Residual", "IBC", "DiffTORI (anchor 0.1)")),
+    }, by_method
+    # DP3 from the 'seeds' experiment (seeds 0 and 1), Diffusion Policy from 'swap' (seed 0)
+    assert by_method["DP3"]["seeds"] == "2" and by_method["Diffusion Policy"]["seeds"] == "1"
+
+
+def _wait_for_queue(repo: Path, timeout: float = 1200) -> None:
+    """Until DVC's queue has no queued or running experiment; a failed one fails with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _run(["dvc", "queue", "status"], repo)
+        failed = [line.split()[1] for line in status.splitlines() if "Failed" in line]
+        assert not failed, _run(["dvc", "queue", "logs", failed[0]], repo)
+        if not any(w in status for w in ("Queued", "Running")):
+            return
+        time.sleep(5)
+    raise AssertionError(f"the queue did not finish in {timeout} s:\n{status}")
 
 
 LOWDIM = ["object", "robot0_eef_pos", "robot0_gripper_qpos"]
