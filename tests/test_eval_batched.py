@@ -159,9 +159,9 @@ def test_evaluation_on_a_running_ray_cluster_gives_the_in_process_records(models
         port = s.getsockname()[1]
     loader = policy_loader(models / "dp3", models / "difftori")
     cfg = EvalConfig(episodes=2, max_episode_steps=9, workers=1, envs_per_worker=2, backend="ray")
-    # Ray 2.60's `ray start` asks for a token; a driver sends one only with RAY_AUTH_MODE=token
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "difftori-test-" + os.urandom(8).hex())
+    # Ray 2.60's `ray start` turns token authentication on; a token mode passed in CI's fresh
+    # clone once failed to connect, so this local test cluster runs without it (README: tokens)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2")
     try:
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
