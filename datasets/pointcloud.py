@@ -67,20 +67,29 @@ def camera_to_world(points: np.ndarray, cam_pos: np.ndarray, cam_mat: np.ndarray
 
 
 def farthest_point_sample(points: np.ndarray, n: int) -> np.ndarray:
-    """Down-sample (N, 3) points to exactly ``n`` by farthest-point sampling (open3d).
+    """Down-sample (N, 3) points, or (N, 6) xyz + rgb in [0, 1], to exactly ``n`` by farthest-point
+    sampling on xyz (open3d; the colours follow their points).
 
     Deterministic for a given input. With fewer than ``n`` points the cloud is padded by repeating
     points (all zeros if it is empty), so every step has the same shape.
     """
+    width = points.shape[-1]
+    if width not in (3, 6):
+        raise ValueError(f"points must be (N, 3) or (N, 6) xyz + rgb, got {points.shape}")
     if len(points) > n:
         o3d = open3d()
-        pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
-        out = np.asarray(pcd.farthest_point_down_sample(n).points)
+        pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].astype(np.float64)))
+        if width == 6:
+            pcd.colors = o3d.utility.Vector3dVector(points[:, 3:].astype(np.float64))
+        down = pcd.farthest_point_down_sample(n)
+        out = np.asarray(down.points)
+        if width == 6:
+            out = np.concatenate([out, np.asarray(down.colors)], axis=1)
     else:
         out = points
     if len(out) < n:
         log.debug("point cloud has %d < %d points; padding by repetition", len(out), n)
-        out = np.zeros((n, 3)) if len(out) == 0 else out[np.arange(n) % len(out)]
+        out = np.zeros((n, width)) if len(out) == 0 else out[np.arange(n) % len(out)]
     return out.astype(np.float32)
 
 

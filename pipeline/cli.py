@@ -9,11 +9,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from difftori.datasets.safeio import OutputLock
 from difftori.pipeline import paths
+
+if TYPE_CHECKING:
+    from difftori.datasets.episode_store import EpisodeStore
 
 log = logging.getLogger("difftori")
 
@@ -112,17 +115,22 @@ def _add_demos(sub: argparse._SubParsersAction) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from difftori.datasets.robomimic_hdf5 import convert_robomimic
+    if args.format == "maniskill":
+        store = _convert_maniskill(args)
+    else:
+        if args.obs:
+            raise ValueError("--obs is for maniskill files (robomimic files keep their observations)")
+        from difftori.datasets.robomimic_hdf5 import convert_robomimic
 
-    store = convert_robomimic(
-        args.file,
-        args.out,
-        task=args.task,
-        actions=args.actions,
-        zarr_format=args.zarr_format,
-        overwrite=args.overwrite,
-        wait=args.wait,
-    )
+        store = convert_robomimic(
+            args.file,
+            args.out,
+            task=args.task,
+            actions=args.actions,
+            zarr_format=args.zarr_format,
+            overwrite=args.overwrite,
+            wait=args.wait,
+        )
     splits = {name: len(eps) for name, eps in store.meta.splits.items()}
     log.info(
         "%s: %d episodes, %d steps, keys %s, splits %s",
@@ -132,21 +140,51 @@ def _convert(args: argparse.Namespace) -> None:
     )
 
 
+def _convert_maniskill(args: argparse.Namespace) -> EpisodeStore:
+    from difftori.base_policies.configs import config_from_dict
+    from difftori.datasets.maniskill_h5 import ManiSkillObsConfig
+    from difftori.eval.suites.maniskill import convert_trajectory
+
+    obs = config_from_dict(ManiSkillObsConfig, _parse_obs(args.obs), "--obs")
+    return convert_trajectory(
+        args.file,
+        args.out,
+        args.task,
+        obs=obs,
+        zarr_format=args.zarr_format,
+        overwrite=args.overwrite,
+        wait=args.wait,
+    )
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert another project's demonstration file into a zarr episode store",
-        description="Convert a robomimic hdf5 (data/demo_N with obs, next_obs, actions; env_args; "
-        "mask/<filter> splits) into a difftori episode store. Low-dim keys become float32, images "
-        "HWC -> CHW; env_args is kept so evaluation rebuilds exactly that env; mask/train and "
-        "mask/valid become the training/validation split.",
+        description="Convert a demonstration file into a difftori episode store. robomimic: an hdf5 "
+        "(data/demo_N with obs, next_obs, actions; env_args; mask/<filter> splits); low-dim keys "
+        "become float32, images HWC -> CHW; mask/train and mask/valid become the training/validation "
+        "split. maniskill: a ManiSkill3 trajectory h5 (traj_<i>: actions, obs, success, terminated, "
+        "truncated) with its json beside it, in state or pointcloud obs mode; successful episodes "
+        "only; point clouds (xyz [+ rgb], background and --obs exclude actors removed, n_points by "
+        "farthest-point sampling) and agent_pos, or state. The env description (robomimic env_args, "
+        "ManiSkill env_info + reset_kwargs) is kept so that evaluation rebuilds exactly that env.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("format", choices=("robomimic",), help="the file's format")
-    p.add_argument("file", type=Path, help="the file to convert, e.g. low_dim_v15.hdf5")
+    p.add_argument("format", choices=("robomimic", "maniskill"), help="the file's format")
+    p.add_argument("file", type=Path, help="the file to convert, e.g. low_dim_v15.hdf5 or trajectory.h5")
     p.add_argument("--out", type=Path, required=True, help="output store, e.g. data/demos/<task>.zarr")
     p.add_argument("--task", help="task name (default: from the file's env name, e.g. Lift -> lift)")
-    p.add_argument("--actions", default="actions", choices=("actions", "actions_abs"), help="action key")
+    p.add_argument(
+        "--actions", default="actions", choices=("actions", "actions_abs"), help="robomimic action key"
+    )
+    p.add_argument(
+        "--obs",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="maniskill point-cloud option, e.g. n_points=1024, rgb=true, frame=tcp (repeatable)",
+    )
     p.add_argument("--zarr-format", type=int, choices=(2, 3), default=2, help="zarr format to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     _add_wait(p)

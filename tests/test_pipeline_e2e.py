@@ -1,7 +1,8 @@
 """The whole pipeline through real ``dvc repro`` on tiny params files, in a temporary copy of the
 repository: MetaWorld demos -> DP3 -> init actions -> refiners -> rollouts -> success tables; and
 robomimic demos (robosuite's recorder, robomimic's scripts) -> Diffusion Policy -> refiners ->
-rollouts in the env rebuilt from env_args -> failure tables."""
+rollouts in the env rebuilt from env_args -> failure tables; ManiSkill demos (its motion planner and
+replay_trajectory) -> PointNet-BC -> refiners -> rollouts in the env rebuilt from env_info."""
 
 import csv
 import json
@@ -230,3 +231,40 @@ def test_dvc_repro_robomimic(tmp_path):
     assert set(metrics["robomimic"][t]) == set(methods.values())
     assert "up to date" in _run(["dvc", "status"], repo)
     assert "data/demos/lift.hdf5" not in _run(["git", "status", "--porcelain"], repo)
+
+
+TINY_MANISKILL = TINY | {
+    "suite": "maniskill",
+    "tasks": ["pick-cube"],
+    "demos": {"episodes": 2, "seed": 0, "obs": {"n_points": 64, "camera_size": 64}, "zarr_format": 2},
+    "base_policies": ["pointnet_bc"],
+    "policies": {"pointnet_bc": {"hidden": [16], "encoder": TINY_ENCODER}},
+    "init_actions": {"samples": 1, "seed": 0, "batch_size": 64},
+    "refiners": ["residual", "difftori"],
+}
+
+
+def test_dvc_repro_maniskill(tmp_path):
+    """The graph on the maniskill suite: demos planned and replayed by ManiSkill's own tools,
+    PointNet-BC, a success-rate table from the env rebuilt from the stored env_info; the planner's
+    trajectory is kept beside the store (untracked)."""
+    repo = _repo(tmp_path, TINY_MANISKILL)
+    _run(["dvc", "repro"], repo)
+
+    t, b = "pick-cube", "pointnet_bc"
+    assert (repo / f"data/demos/{t}.motionplanning.h5").is_file()
+    methods = {}
+    for refiner in ("none", "residual", "difftori"):
+        result = json.loads((repo / f"results/evals/{t}/{b}/{refiner}/seed0.json").read_text())
+        assert (result["suite"], result["metric"]) == ("maniskill", "success")
+        assert [(e["status"], e["success"], e["steps"]) for e in result["episodes"]] == [
+            ("ok", False, 12)
+        ] * 2
+        methods[refiner] = result["method"]
+    md = (repo / "results/tables/success.md").read_text()
+    for method in methods.values():  # an untrained policy picks no cube in 12 steps
+        assert f"| {method} | **0.0** |" in md, md
+    metrics = json.loads((repo / "results/metrics.json").read_text())
+    assert set(metrics["maniskill"][t]) == set(methods.values())
+    assert "up to date" in _run(["dvc", "status"], repo)
+    assert "motionplanning" not in _run(["git", "status", "--porcelain"], repo)
