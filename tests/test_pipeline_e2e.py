@@ -241,6 +241,8 @@ TINY_MANISKILL = TINY | {
     "policies": {"pointnet_bc": {"hidden": [16], "encoder": TINY_ENCODER}},
     "init_actions": {"samples": 1, "seed": 0, "batch_size": 64},
     "refiners": ["residual", "difftori"],
+    # one worker: each ManiSkill worker imports the simulator and builds its env (~5-10 s)
+    "evaluate": TINY["evaluate"] | {"workers": 1, "videos": 0},
 }
 
 
