@@ -40,7 +40,10 @@ def test_unknown_task_exits_nonzero_and_lists_tasks(tmp_path):
             ["--task", "shelf-place", "--max-attempts", "3", "--episodes", "5"],
             "max_attempts (3) < episodes (5)",
         ),
-        (["--suite", "robosuit", "--task", "lift"], "unknown suite 'robosuit'; registered suites: metaworld"),
+        (
+            ["--suite", "robosuit", "--task", "lift"],
+            "unknown suite 'robosuit'; registered suites: maniskill, metaworld",
+        ),
         (["--task", "reach", "--obs", "n_pionts=64"], "unknown keys ['n_pionts'] for MetaWorldObsConfig"),
         (["--task", "reach", "--obs", "n_points"], "--obs 'n_points': expected KEY=VALUE"),
     ],
@@ -86,5 +89,5 @@ def test_packages_live_under_the_difftori_namespace(tmp_path):
 
 def test_demos_without_a_suite_name_the_choices(tmp_path, caplog):
     assert main(["demos", "--task", "reach", "--out", str(tmp_path / "x.zarr")]) == 1
-    assert "no suite: give --suite or `suite:`; suites: metaworld, robomimic" in caplog.text
+    assert "no suite: give --suite or `suite:`; suites: maniskill, metaworld, robomimic" in caplog.text
     assert list(tmp_path.iterdir()) == []
