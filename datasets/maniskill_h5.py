@@ -293,8 +293,6 @@ class ManiSkillFile:
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 3 or ds.shape[2] != width:
                 got = getattr(ds, "shape", "missing")
                 raise self._err(f"{where}/pointcloud/{key}", f"expected (T + 1, N, {width}), got {got}")
-        if self.env_info["env_kwargs"].get("obs_mode") == "pointcloud" and "tcp_pose" not in obs["extra"]:
-            log.debug("%s: no extra/tcp_pose (frame 'tcp' is unavailable)", where)
 
     # -- reading ------------------------------------------------------------------------------------
     def kept_episodes(self, successful_only: bool = True) -> list[dict[str, Any]]:
